@@ -17,9 +17,20 @@ from torch import Tensor
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class StateMismatchError(ValueError):
+    """An input that is valid on its own but does not fit the loss's existing state
+    (e.g. a feature dim other than the memory bank's). The server answers it with
+    FAILED_PRECONDITION rather than INVALID_ARGUMENT."""
+
+
 def fail(name: str, expected: str, got: str) -> ValueError:
     """The error every check raises: names the argument, what was expected and what came."""
     return ValueError(f"Expected `{name}` to be {expected}, but got {got}.")
+
+
+def state_mismatch(name: str, expected: str, got: str) -> StateMismatchError:
+    """Like `fail`, for inputs that contradict the state."""
+    return StateMismatchError(f"Expected `{name}` to be {expected}, but got {got}.")
 
 
 def describe(value: Any) -> str:

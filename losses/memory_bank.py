@@ -139,8 +139,9 @@ class MemoryBankModule(StatefulLoss):
             bank = _random_rows((self.size[0], *like.shape[1:])).to(like.device)
             self._change_state(lambda: self._set_bank(bank))
         elif tuple(bank.shape[1:]) != tuple(like.shape[1:]):
-            raise check.fail(name, f"rows of shape {tuple(bank.shape[1:])} like the memory bank",
-                             f"shape {tuple(like.shape)}")
+            raise check.state_mismatch(
+                name, f"rows of shape {tuple(bank.shape[1:])} like the memory bank",
+                f"shape {tuple(like.shape)}")
         converted = bank.to(device=like.device, dtype=dtype or bank.dtype)
         if copy and converted is bank:
             converted = bank.clone()

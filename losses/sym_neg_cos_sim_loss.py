@@ -15,6 +15,11 @@ class SymNegCosineSimilarityLoss(nn.Module):
     Prefer `NegativeCosineSimilarity`; this class keeps lightly 1.5 code working.
     """
 
+    def __init__(self) -> None:
+        # Explicit, so that the constructor's signature is lightly's `()` rather than
+        # nn.Module's `(*args, **kwargs)`.
+        super().__init__()
+
     def forward(self, out0: tuple[Tensor, Tensor], out1: tuple[Tensor, Tensor]) -> Tensor:
         """Loss of two views, each a pair `(z, p)` of (batch_size, dim) tensors.
 

@@ -1,0 +1,5 @@
+import sys
+
+from lossd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+from lossd.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ListLossesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListLossesResponse(_message.Message):
+    __slots__ = ("losses",)
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    losses: _containers.RepeatedCompositeFieldContainer[LossInfo]
+    def __init__(self, losses: _Optional[_Iterable[_Union[LossInfo, _Mapping]]] = ...) -> None: ...
+
+class LossInfo(_message.Message):
+    __slots__ = ("name", "defaults", "required", "args", "state", "returns", "doc")
+    class DefaultsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    defaults: _containers.MessageMap[str, _tensor_pb2.Value]
+    required: _containers.RepeatedScalarFieldContainer[str]
+    args: _containers.RepeatedCompositeFieldContainer[ArgInfo]
+    state: _containers.RepeatedScalarFieldContainer[str]
+    returns: str
+    doc: str
+    def __init__(self, name: _Optional[str] = ..., defaults: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., required: _Optional[_Iterable[str]] = ..., args: _Optional[_Iterable[_Union[ArgInfo, _Mapping]]] = ..., state: _Optional[_Iterable[str]] = ..., returns: _Optional[str] = ..., doc: _Optional[str] = ...) -> None: ...
+
+class ArgInfo(_message.Message):
+    __slots__ = ("name", "kind", "batch", "grad", "dtype", "required", "default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    batch: str
+    grad: _containers.RepeatedScalarFieldContainer[bool]
+    dtype: str
+    required: bool
+    default: _tensor_pb2.Value
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., batch: _Optional[str] = ..., grad: _Optional[_Iterable[bool]] = ..., dtype: _Optional[str] = ..., required: _Optional[bool] = ..., default: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("loss", "config", "session_id", "seed", "device")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    loss: str
+    config: _containers.MessageMap[str, _tensor_pb2.Value]
+    session_id: str
+    seed: int
+    device: str
+    def __init__(self, loss: _Optional[str] = ..., config: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., session_id: _Optional[str] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "loss", "config", "device", "steps", "created_at", "last_used_at", "created", "state_bytes")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    loss: str
+    config: _containers.MessageMap[str, _tensor_pb2.Value]
+    device: str
+    steps: int
+    created_at: float
+    last_used_at: float
+    created: bool
+    state_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., loss: _Optional[str] = ..., config: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., device: _Optional[str] = ..., steps: _Optional[int] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., created: _Optional[bool] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ComputeRequest(_message.Message):
+    __slots__ = ("session_id", "request_id", "args")
+    class ArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: str
+    args: _containers.MessageMap[str, _tensor_pb2.Value]
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
+
+class ComputeResponse(_message.Message):
+    __slots__ = ("result", "grads", "steps")
+    class GradsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    result: _tensor_pb2.Value
+    grads: _containers.MessageMap[str, _tensor_pb2.Value]
+    steps: int
+    def __init__(self, result: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., grads: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SetStateRequest(_message.Message):
+    __slots__ = ("session_id", "tensors")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+
+class State(_message.Message):
+    __slots__ = ("tensors", "steps")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    steps: int
+    def __init__(self, tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., steps: _Optional[int] = ...) -> None: ...

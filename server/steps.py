@@ -1,0 +1,188 @@
+"""One Compute step: decode and check the arguments, run forward and backward of the
+session's loss in one state transaction, encode the loss and the gradients."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lossd.losses import state_transaction
+from lossd.losses.registry import Arg, DType, Kind, LossSpec
+from lossd.v1 import codec
+from lossd.v1 import lossd_pb2 as pb
+from lossd.v1 import tensor_pb2 as tpb
+
+from .errors import InvalidArgument
+from .sessions import Session
+
+
+@dataclass
+class StepInputs:
+    """The decoded forward arguments of a step, on the session's device.
+
+    `wanted` holds the tensors whose gradient the caller asked for (requires_grad set).
+    """
+
+    args: dict[str, Any]
+    wanted: list[Tensor] = field(default_factory=list)
+
+
+def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: torch.device
+                  ) -> StepInputs:
+    """Decode and check every argument against the registry before any state is touched.
+
+    Checks: argument names, kinds and dtypes, byte lengths (in the codec) and that floats
+    are finite. Raises InvalidArgument naming the argument.
+    """
+    names = [a.name for a in spec.args]
+    unknown = sorted(set(messages) - set(names))
+    if unknown:
+        raise InvalidArgument(f"{spec.name} has no argument {', '.join(map(repr, unknown))}; "
+                              f"its arguments are {', '.join(names)}")
+    inputs = StepInputs(args={})
+    for arg in spec.args:
+        if arg.name not in messages:
+            if spec.arg_default(arg.name) is inspect.Parameter.empty:
+                raise InvalidArgument(f"Expected `{arg.name}` ({arg.kind.value}), but it is missing.")
+            continue
+        hook = _TensorHook(arg, device, inputs.wanted)
+        try:
+            value = codec.decode_value(messages[arg.name], arg.name, tensor_hook=hook)
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from None
+        _check_kind(arg, value, spec.arg_default(arg.name))
+        inputs.args[arg.name] = value
+    return inputs
+
+
+@dataclass
+class _TensorHook:
+    """Checks each decoded tensor of one argument and moves it to the device."""
+
+    arg: Arg
+    device: torch.device
+    wanted: list[Tensor]
+
+    def __call__(self, t: Tensor, msg: tpb.Tensor, path: str) -> Tensor:
+        if self.arg.dtype is DType.FLOAT and not t.is_floating_point():
+            raise InvalidArgument(f"Expected `{path}` to be a floating-point tensor, "
+                                  f"but got {t.dtype}.")
+        if self.arg.dtype is DType.BOOL and t.dtype != torch.bool:
+            raise InvalidArgument(f"Expected `{path}` to be a bool tensor, but got {t.dtype}.")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidArgument(f"Expected `{path}` to hold finite values, but it holds "
+                                  "NaN or Inf.")
+        if msg.requires_grad and not t.is_floating_point():
+            raise InvalidArgument(f"`{path}` asks for a gradient but is {t.dtype}.")
+        t = t.to(self.device, non_blocking=True)
+        if msg.requires_grad:
+            t.requires_grad_(True)
+            self.wanted.append(t)
+        return t
+
+
+def _check_kind(arg: Arg, value: Any, default: Any) -> None:
+    """The argument's Python shape is what the registry says (None only where it is the
+    default)."""
+    if value is None and default is None:
+        return
+    if not _KIND_CHECKS[arg.kind](value):
+        raise InvalidArgument(f"Expected `{arg.name}` to be {_KIND_WORDS[arg.kind]}, but got "
+                              f"{_describe(value)}.")
+
+
+def _is_pair(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v)
+
+
+_KIND_CHECKS = {
+    Kind.TENSOR: lambda v: isinstance(v, Tensor),
+    Kind.TENSOR_LIST: lambda v: isinstance(v, (list, tuple))
+    and all(isinstance(t, Tensor) for t in v),
+    Kind.TENSOR_PAIR: _is_pair,
+    Kind.PAIR_LIST: lambda v: isinstance(v, (list, tuple)) and all(_is_pair(p) for p in v),
+    Kind.NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    Kind.INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    Kind.FLAG: lambda v: isinstance(v, bool),
+}
+_KIND_WORDS = {
+    Kind.TENSOR: "a tensor",
+    Kind.TENSOR_LIST: "a list of tensors",
+    Kind.TENSOR_PAIR: "a pair of tensors",
+    Kind.PAIR_LIST: "a list of pairs of tensors",
+    Kind.NUMBER: "a number",
+    Kind.INTEGER: "an integer",
+    Kind.FLAG: "a bool",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    return f"{value!r}"
+
+
+def run_step(session: Session, inputs: StepInputs) -> tuple[Any, list[Tensor | None]]:
+    """Forward and backward under the session's lock; state changes only on success.
+
+    Returns the forward result and the gradient of each tensor in `inputs.wanted` (None
+    where the loss does not depend on it).
+    """
+    with session.lock, state_transaction(session.module):
+        result = session.module(**inputs.args)
+        grads = _gradients(result, inputs.wanted)
+    session.steps += 1
+    session.touch()
+    return result, grads
+
+
+def _gradients(result: Any, wanted: list[Tensor]) -> list[Tensor | None]:
+    if not wanted or not isinstance(result, Tensor) or not result.requires_grad:
+        return [None] * len(wanted)
+    return list(torch.autograd.grad(result.sum(), wanted, allow_unused=True))
+
+
+def encode_response(inputs: StepInputs, result: Any, grads: list[Tensor | None], steps: int
+                    ) -> pb.ComputeResponse:
+    """The ComputeResponse: the result (inputs returned as is travel as references) and,
+    for every argument that asked for gradients, its gradients shaped like the argument."""
+    response = pb.ComputeResponse(steps=steps)
+    refs = {id(v): name for name, v in inputs.args.items() if isinstance(v, Tensor)}
+    codec.encode_value(_detached(result), refs=refs, out=response.result)
+    by_tensor = {id(t): g for t, g in zip(inputs.wanted, grads)}
+    for name, value in inputs.args.items():
+        tree = _grad_tree(value, by_tensor)
+        if tree is not _NO_GRAD_ASKED:
+            codec.encode_value(tree, out=response.grads[name])
+    return response
+
+
+_NO_GRAD_ASKED = object()
+
+
+def _grad_tree(value: Any, by_tensor: dict[int, Tensor | None]) -> Any:
+    """value with each tensor replaced by its gradient; _NO_GRAD_ASKED if none was asked."""
+    if isinstance(value, Tensor):
+        return by_tensor[id(value)] if id(value) in by_tensor else _NO_GRAD_ASKED
+    if isinstance(value, (list, tuple)):
+        items = [_grad_tree(v, by_tensor) for v in value]
+        if all(i is _NO_GRAD_ASKED for i in items):
+            return _NO_GRAD_ASKED
+        items = [None if i is _NO_GRAD_ASKED else i for i in items]
+        return items if isinstance(value, list) else tuple(items)
+    return _NO_GRAD_ASKED
+
+
+def _detached(result: Any) -> Any:
+    if isinstance(result, Tensor):
+        return result if not result.requires_grad else result.detach()
+    if isinstance(result, (list, tuple)):
+        return type(result)(_detached(r) for r in result)
+    return result
