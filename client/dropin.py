@@ -47,6 +47,12 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
             raise
         self._owns_client = owned
 
+    def forward(self: RemoteLoss, *args: Any, **kwargs: Any) -> Any:
+        return RemoteLoss.forward(self, *args, **kwargs)
+
+    forward.__signature__ = spec.forward  # type: ignore[attr-defined]
+    forward.__doc__ = spec.cls.forward.__doc__
+
     def close(self: RemoteLoss, delete_session: bool = False) -> None:
         RemoteLoss.close(self, delete_session)
         if getattr(self, "_owns_client", False):
@@ -61,7 +67,7 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
            "`session_id`, `token`, `seed` and `device`.\n\n"
            + (inspect.getdoc(spec.cls) or ""))
     return type(spec.name, (RemoteLoss,), {
-        "__init__": __init__, "close": close, "__doc__": doc, "__module__": "lossd.client",
+        "__init__": __init__, "forward": forward, "close": close, "__doc__": doc, "__module__": "lossd.client",
         "__qualname__": spec.name,
     })
 

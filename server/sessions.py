@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import threading
 import time
@@ -65,7 +66,9 @@ def canonical_config(spec: registry.LossSpec, config: dict[str, Any]) -> dict[st
         names = ", ".join(spec.constructor.parameters) or "none"
         raise InvalidArgument(f"{spec.name}: {error}; its parameters are: {names}") from None
     bound.apply_defaults()
-    return {name: _as_lists(value) for name, value in bound.arguments.items()}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: _as_lists(value) for name, value in bound.arguments.items()
+            if spec.constructor.parameters[name].kind in named}
 
 
 def _as_lists(value: Any) -> Any:

@@ -155,7 +155,7 @@ def encode_response(inputs: StepInputs, result: Any, grads: list[Tensor | None],
     for every argument that asked for gradients, its gradients shaped like the argument."""
     response = pb.ComputeResponse(steps=steps)
     refs = {id(v): name for name, v in inputs.args.items() if isinstance(v, Tensor)}
-    codec.encode_value(_detached(result), refs=refs, out=response.result)
+    codec.encode_value(result, refs=refs, out=response.result)
     by_tensor = {id(t): g for t, g in zip(inputs.wanted, grads)}
     for name, value in inputs.args.items():
         tree = _grad_tree(value, by_tensor)
@@ -179,10 +179,3 @@ def _grad_tree(value: Any, by_tensor: dict[int, Tensor | None]) -> Any:
         return items if isinstance(value, list) else tuple(items)
     return _NO_GRAD_ASKED
 
-
-def _detached(result: Any) -> Any:
-    if isinstance(result, Tensor):
-        return result if not result.requires_grad else result.detach()
-    if isinstance(result, (list, tuple)):
-        return type(result)(_detached(r) for r in result)
-    return result
