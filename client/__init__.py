@@ -7,11 +7,12 @@ in-process constructor and forward::
     criterion = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128), server="gpu:50051")
 """
 
-from .connection import LossClient, LossInfo, SessionInfo
+from .connection import BankInfo, LossClient, LossInfo, SessionInfo
 from .dropin import DROPIN_CLASSES
 from .errors import (
     AbortedError,
     AlreadyExistsError,
+    BankNotFoundError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -31,6 +32,8 @@ globals().update(DROPIN_CLASSES)
 __all__ = [
     "AbortedError",
     "AlreadyExistsError",
+    "BankInfo",
+    "BankNotFoundError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",

@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import torch
 from torch import Tensor
 
-from lossd.v1 import codec
+from lossd.v1 import codec, stream
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-from .errors import InvalidArgumentError, from_rpc_error
+from .errors import InvalidArgumentError, from_rpc_error, from_status
+from .streaming import ComputeStream, StepFailed
 
 DEFAULT_TARGET = "localhost:50051"
 ROUTE_HEADER = "x-lossd-route"
+# Calls that are safe to repeat after a lost reply: reads, creates with a client-chosen
+# name, and Compute, whose request id makes a repeat return the first answer.
+_RETRIED = {"ListLosses", "CreateSession", "GetSession", "ListSessions", "Compute",
+            "GetState", "SetState", "CreateBank", "GetBank", "ListBanks", "GetBankState",
+            "SetBankState"}
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def default_target() -> str:
@@ -38,6 +50,7 @@ class SessionInfo:
     last_used_at: float
     created: bool
     state_bytes: int
+    shared_bank: str
 
     @classmethod
     def from_message(cls, msg: pb.Session) -> SessionInfo:
@@ -45,7 +58,30 @@ class SessionInfo:
             session_id=msg.session_id, loss=msg.loss, config=codec.decode_values(msg.config),
             device=msg.device, steps=msg.steps, created_at=msg.created_at,
             last_used_at=msg.last_used_at, created=msg.created, state_bytes=msg.state_bytes,
+            shared_bank=msg.shared_bank,
         )
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    """What the server knows about a shared bank."""
+
+    name: str
+    num_features: int
+    dim: int
+    dtype: torch.dtype
+    device: str
+    pointer: int
+    rows_written: int
+    sessions: tuple[str, ...]
+    created: bool
+
+    @classmethod
+    def from_message(cls, msg: pb.Bank) -> BankInfo:
+        return cls(name=msg.name, num_features=msg.num_features, dim=msg.dim,
+                   dtype=codec.torch_dtype(msg.dtype), device=msg.device, pointer=msg.pointer,
+                   rows_written=msg.rows_written, sessions=tuple(msg.sessions),
+                   created=msg.created)
 
 
 @dataclass(frozen=True)
@@ -60,15 +96,29 @@ class LossInfo:
     doc: str
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """A decoded Compute answer: the result, and per argument its gradients tree."""
+
+    result: Any
+    grads: dict[str, Any]
+    steps: int
+
+
 class LossClient:
     """A connection to a lossd server.
 
     Args:
         target: "host:port" of the server (default: $LOSSD_SERVER or localhost:50051).
         token: bearer token, sent as `authorization: Bearer TOKEN` on every call.
-        timeout: seconds per call (None: no deadline).
+        timeout: seconds per call (None: no deadline). Stream steps have no deadline.
         root_certificates: PEM bytes of the CA to trust; enables TLS.
+        stream: send steps over one long-lived ComputeStream per session route, large
+            tensors in chunks, instead of one unary Compute each.
+        retries: how often a call that failed with UNAVAILABLE or DEADLINE_EXCEEDED is
+            repeated (with exponential backoff and the same request id).
         max_message_mb: the largest message sent or accepted.
+        chunk_mb: chunk size of streamed tensors.
         options: extra gRPC channel options.
 
     Use it as a context manager, or call `close()`.
@@ -88,11 +138,17 @@ class LossClient:
         token: str | None = None,
         timeout: float | None = None,
         root_certificates: bytes | None = None,
+        stream: bool = False,
+        retries: int = 5,
         max_message_mb: int = codec.DEFAULT_MAX_MESSAGE_MB,
+        chunk_mb: float = stream.DEFAULT_CHUNK_BYTES / 2**20,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target or default_target()
         self.timeout = timeout
+        self.stream = stream
+        self.retries = retries
+        self.chunk_bytes = int(chunk_mb * 2**20)
         limit = max_message_mb * 1024 * 1024
         channel_options = [
             ("grpc.max_send_message_length", limit),
@@ -107,11 +163,18 @@ class LossClient:
         self._stub = pb_grpc.LossServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ())
+        self._routes: dict[str, str] = {}  # session id -> routing key, where not the id
+        self._streams: dict[str, ComputeStream] = {}
+        self._streams_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the streams and the channel."""
+        with self._streams_lock:
+            for s in self._streams.values():
+                s.close()
+            self._streams.clear()
         self._channel.close()
 
     def __enter__(self) -> LossClient:
@@ -135,17 +198,29 @@ class LossClient:
 
     def create_session(self, loss: str, *, session_id: str | None = None,
                        seed: int | None = None, device: str | None = None,
+                       shared_bank: str | None = None,
+                       shared_bank_dtype: torch.dtype | None = None,
                        **config: Any) -> SessionInfo:
-        """Create a session of `loss` with constructor `config`, or attach to `session_id`."""
-        request = pb.CreateSessionRequest(loss=loss, session_id=session_id or "",
-                                          device=device or "")
+        """Create a session of `loss` with constructor `config`, or attach to `session_id`.
+
+        Without `session_id` the client picks a fresh one, so that even the creating call
+        can be routed by it. With `shared_bank`, the session uses that bank (created with
+        `create_bank`) and its calls are routed by the bank's name.
+        """
+        session_id = session_id or uuid.uuid4().hex
+        request = pb.CreateSessionRequest(loss=loss, session_id=session_id, device=device or "",
+                                          shared_bank=shared_bank or "")
         if seed is not None:
             request.seed = seed
+        if shared_bank_dtype is not None:
+            request.shared_bank_dtype = codec.wire_dtype(shared_bank_dtype)  # type: ignore[assignment]
         try:
             codec.encode_values(config, request.config)
         except ValueError as error:
             raise InvalidArgumentError(f"{loss} config: {error}") from None
-        response = self.call("CreateSession", request, session_id=session_id or "")
+        if shared_bank:
+            self._routes[session_id] = shared_bank
+        response = self.call("CreateSession", request, session_id=session_id)
         return SessionInfo.from_message(response)
 
     def get_session(self, session_id: str) -> SessionInfo:
@@ -167,7 +242,7 @@ class LossClient:
         """The session's state tensors under lightly's names."""
         response = self.call("GetState", pb.GetStateRequest(session_id=session_id),
                              session_id=session_id)
-        return {k: t.clone() for k, t in codec.decode_tensors(response.tensors).items()}
+        return _owned(codec.decode_tensors(response.tensors))
 
     def set_state(self, session_id: str, tensors: dict[str, Tensor]) -> None:
         """Replace the session's whole state (all or nothing)."""
@@ -176,24 +251,156 @@ class LossClient:
         self.call("SetState", request, session_id=session_id)
 
     def loss(self, name: str, *, session_id: str | None = None, seed: int | None = None,
-             device: str | None = None, **config: Any) -> Any:
+             device: str | None = None, shared_bank: str | None = None,
+             world_size: int = 1, rank: int = 0, **config: Any) -> Any:
         """A remote `nn.Module` of loss `name`: same forward as the in-process class.
 
-        With `session_id`, attaches to that session if it exists (same config) or creates
-        it; another process can attach to the same session by the same id.
+        Args:
+            name: the loss class, e.g. "NTXentLoss".
+            session_id: attach to (or create) this session; another process can attach
+                to the same session by the same id.
+            seed: seed of the session's initial memory bank.
+            device: server-side device of the session.
+            shared_bank: read negatives from and enqueue into this shared bank.
+            world_size, rank: this process is rank `rank` of `world_size` ranks that form
+                one global batch per step (needs `session_id`, the same on every rank).
+            config: the loss's constructor arguments.
         """
         from .remote import RemoteLoss
 
         return RemoteLoss(self, name, session_id=session_id, seed=seed, device=device,
+                          shared_bank=shared_bank, world_size=world_size, rank=rank,
                           config=config)
+
+    # -- shared banks ----------------------------------------------------------------------
+
+    def create_bank(self, name: str, num_features: int, dim: int, *,
+                    dtype: torch.dtype = torch.float32, seed: int | None = None,
+                    device: str | None = None) -> BankInfo:
+        """Create a shared bank of random unit rows, or return the existing one of the same
+        shape and dtype (AlreadyExistsError for another)."""
+        request = pb.CreateBankRequest(name=name, num_features=num_features, dim=dim,
+                                       dtype=codec.wire_dtype(dtype), device=device or "")
+        if seed is not None:
+            request.seed = seed
+        return BankInfo.from_message(self.call("CreateBank", request, route=name))
+
+    def get_bank(self, name: str) -> BankInfo:
+        """Size, pointer, rows written and attached sessions of a bank."""
+        return BankInfo.from_message(
+            self.call("GetBank", pb.GetBankRequest(name=name), route=name))
+
+    def list_banks(self) -> list[BankInfo]:
+        """All shared banks on the server."""
+        return [BankInfo.from_message(b)
+                for b in self.call("ListBanks", pb.ListBanksRequest()).banks]
+
+    def delete_bank(self, name: str) -> None:
+        """Delete a bank no session is attached to."""
+        self.call("DeleteBank", pb.DeleteBankRequest(name=name), route=name)
+
+    def get_bank_state(self, name: str) -> dict[str, Tensor]:
+        """The bank's `bank` (num_features, dim) and `bank_ptr` (1,)."""
+        response = self.call("GetBankState", pb.GetBankRequest(name=name), route=name)
+        return _owned(codec.decode_tensors(response.tensors))
+
+    def set_bank_state(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Replace the bank's rows and pointer (all or nothing)."""
+        request = pb.SetBankStateRequest(name=name)
+        codec.encode_tensors(tensors, request.tensors)
+        self.call("SetBankState", request, route=name)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def step(self, request: pb.ComputeRequest, args: dict[str, Any],
+             wanted: set[int]) -> StepResult:
+        """Run one step: `args` are encoded into `request` (tensors whose id is in `wanted`
+        ask for gradients), sent over the stream or as one Compute, and the answer decoded
+        (`input_ref`s resolve to the objects in `args`)."""
+        chunker = codec.Chunker(self.chunk_bytes) if self.stream else None
+        try:
+            codec.encode_values(args, request.args, wants_grad=lambda t: id(t) in wanted,
+                                chunker=chunker)
+        except ValueError as error:
+            raise InvalidArgumentError(str(error)) from None
+        if chunker is None:
+            response = self.call("Compute", request, session_id=request.session_id)
+            payloads: Iterator[bytearray] | None = None
+        else:
+            response, payloads = self._stream_step(request, chunker)
+        result = codec.decode_value(response.result, "result", inputs=args, chunks=payloads)
+        grads = codec.decode_values(response.grads, chunks=payloads)
+        return StepResult(result, grads, response.steps)
+
+    def _stream_step(self, request: pb.ComputeRequest, chunker: codec.Chunker
+                     ) -> tuple[pb.ComputeResponse, Iterator[bytearray]]:
+        route = self._routes.get(request.session_id, request.session_id)
+        for attempt in range(self.retries + 1):
+            channel = self._stream_for(route)
+            try:
+                return channel.step(request, chunker)
+            except StepFailed as failed:
+                raise from_status(failed.code, failed.message, self.target,
+                                  request.session_id) from None
+            except grpc.RpcError as error:
+                self._drop_stream(route, channel)
+                if not _retryable(error) or attempt == self.retries:
+                    raise from_rpc_error(error, self.target, request.session_id) from None
+                _backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _stream_for(self, route: str) -> ComputeStream:
+        with self._streams_lock:
+            channel = self._streams.get(route)
+            if channel is None:
+                channel = self._streams[route] = ComputeStream(self._stub, self._call_metadata(route))
+            return channel
+
+    def _drop_stream(self, route: str, channel: ComputeStream) -> None:
+        with self._streams_lock:
+            if self._streams.get(route) is channel:
+                del self._streams[route]
+        channel.close(cancel=True)
 
     # -- the one call wrapper --------------------------------------------------------------
 
-    def call(self, method: str, request: Any, *, session_id: str = "",
+    def call(self, method: str, request: Any, *, session_id: str = "", route: str | None = None,
              timeout: float | None = None) -> Any:
-        """Invoke RPC `method`; a failure raises the matching LossdError, never a grpc error."""
-        try:
-            return getattr(self._stub, method)(
-                request, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, self.target, session_id) from None
+        """Invoke RPC `method`; a failure raises the matching LossdError, never a grpc error.
+
+        Calls about a session carry the routing header (`x-lossd-route`): the session id,
+        or the shared bank's name for a session attached to one, so that a load balancer
+        hashing on it sends every call about the session to the same replica. Calls that
+        can be repeated safely are retried on UNAVAILABLE and DEADLINE_EXCEEDED.
+        """
+        if route is None:
+            route = self._routes.get(session_id, session_id)
+        metadata = self._call_metadata(route)
+        attempts = self.retries + 1 if method in _RETRIED else 1
+        for attempt in range(attempts):
+            try:
+                return getattr(self._stub, method)(
+                    request, timeout=timeout or self.timeout, metadata=metadata)
+            except grpc.RpcError as error:
+                if not _retryable(error) or attempt == attempts - 1:
+                    raise from_rpc_error(error, self.target, session_id) from None
+                _backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _call_metadata(self, route: str) -> tuple[tuple[str, str], ...]:
+        return (*self._metadata, (ROUTE_HEADER, route)) if route else self._metadata
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+    return isinstance(error, grpc.Call) and error.code() in _RETRY_CODES
+
+
+def _backoff(attempt: int) -> None:
+    """Exponential backoff with jitter: about 0.1, 0.2, 0.4 ... s, at most 2 s."""
+    time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random() / 2))
+
+
+def _owned(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies that own their memory (decoded tensors view the message's bytes)."""
+    return {k: t.clone() for k, t in tensors.items()}
+

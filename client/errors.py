@@ -31,6 +31,10 @@ class SessionNotFoundError(NotFoundError, KeyError):
     """No session with this id on the server (or on this replica behind a balancer)."""
 
 
+class BankNotFoundError(NotFoundError, KeyError):
+    """No shared bank with this name on the server (or on this replica)."""
+
+
 class AlreadyExistsError(LossdError, ValueError):
     """The session id is taken by another loss or config."""
 
@@ -99,12 +103,20 @@ _BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError, target: str, session_id: str = "") -> LossdError:
-    """The lossd exception for a failed call (the grpc error is its __cause__)."""
+    """The lossd exception for a failed call."""
     code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
+    return from_status(code, details, target, session_id)
+
+
+def from_status(code: grpc.StatusCode, details: str, target: str,
+                session_id: str = "") -> LossdError:
+    """The lossd exception for a status code and message."""
     cls = _BY_CODE.get(code, InternalError)
-    if cls is NotFoundError and session_id and "session" in details:
-        return SessionNotFoundError(f"{details} ({target})")
+    if cls is NotFoundError and details.startswith(("session ", "bank ")):
+        kind = SessionNotFoundError if details.startswith("session ") else BankNotFoundError
+        return kind(f"{details} ({target}); behind a load balancer, it is not on the "
+                    "replica that answered")
     if cls is UnavailableError:
         details = f"lossd server at {target} is unavailable: {details}"
     return cls(details)

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from lossd.losses import registry
-from lossd.v1 import codec
 from lossd.v1 import lossd_pb2 as pb
 
 from .connection import LossClient, SessionInfo
@@ -38,15 +37,20 @@ class RemoteLoss(nn.Module):
 
     def __init__(self, client: LossClient, name: str, *, session_id: str | None = None,
                  seed: int | None = None, device: str | None = None,
+                 shared_bank: str | None = None, world_size: int = 1, rank: int = 0,
                  config: dict[str, Any] | None = None) -> None:
         super().__init__()
         try:
             self.spec = registry.get(name)
         except ValueError as error:
             raise InvalidArgumentError(str(error)) from None
+        _check_ranks(world_size, rank, session_id)
         self.client = client
+        self.world_size, self.rank = world_size, rank
         self.session: SessionInfo = client.create_session(
-            name, session_id=session_id, seed=seed, device=device, **(config or {}))
+            name, session_id=session_id, seed=seed, device=device, shared_bank=shared_bank,
+            **(config or {}))
+        self._next_step = self.session.steps  # the global step the ranks agree on
         self._signature = _without_self(self.spec.forward)
 
     @property
@@ -61,16 +65,17 @@ class RemoteLoss(nn.Module):
         grad_on = torch.is_grad_enabled()
         wanted = {id(t) for t in tensors if grad_on and t.requires_grad}
         request = pb.ComputeRequest(session_id=self.session_id, request_id=uuid.uuid4().hex)
-        try:
-            codec.encode_values(given, request.args, wants_grad=lambda t: id(t) in wanted)
-        except ValueError as error:
-            raise InvalidArgumentError(f"{self.spec.name}: {error}") from None
-        response = self.client.call("Compute", request, session_id=self.session_id)
-        result = _materialize(codec.decode_value(response.result, "result", inputs=given),
-                              _device_of(tensors), keep={id(t) for t in tensors})
+        if self.world_size > 1:
+            request.global_batch.CopyFrom(pb.GlobalBatch(
+                world_size=self.world_size, rank=self.rank, step=self._next_step))
+        reply = self.client.step(request, given, wanted)
+        self._next_step += 1
+        result = _materialize(reply.result, _device_of(tensors), keep={id(t) for t in tensors})
         if self.spec.returns is registry.Returns.OUTPUTS or not wanted:
             return result
-        grads = _gradients_by_input(given, response)
+        grads: dict[int, Tensor | None] = {}
+        for name, tree in reply.grads.items():
+            _pair_up(given[name], tree, grads.__setitem__)
         inputs = [t for t in tensors if id(t) in wanted]
         return _ServerGradients.apply(_Pending(result, [grads.get(id(t)) for t in inputs]),
                                       *inputs)
@@ -127,6 +132,15 @@ class _ServerGradients(torch.autograd.Function):
         return (None, *grads)
 
 
+def _check_ranks(world_size: int, rank: int, session_id: str | None) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidArgumentError(f"Expected `rank` in [0, world_size={world_size}), but got "
+                                   f"{rank}.")
+    if world_size > 1 and not session_id:
+        raise InvalidArgumentError("Expected `session_id` with world_size > 1: every rank "
+                                   "attaches to the same session by it.")
+
+
 def _without_self(signature: inspect.Signature) -> inspect.Signature:
     params = list(signature.parameters.values())[1:]
     return signature.replace(parameters=params)
@@ -155,15 +169,6 @@ def _materialize(result: Any, device: torch.device, keep: set[int]) -> Any:
     if isinstance(result, (list, tuple)):
         return type(result)(_materialize(r, device, keep) for r in result)
     return result
-
-
-def _gradients_by_input(given: dict[str, Any], response: pb.ComputeResponse
-                        ) -> dict[int, Tensor | None]:
-    """id(input tensor) -> its gradient, pairing each grads tree with its argument."""
-    found: dict[int, Tensor | None] = {}
-    for name, msg in response.grads.items():
-        _pair_up(given[name], codec.decode_value(msg, f"grads.{name}"), found.__setitem__)
-    return found
 
 
 def _pair_up(arg: Any, grad: Any, put: Callable[[int, Tensor | None], None]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,17 +44,32 @@ def bank_size_2d(name: str, size: Any) -> tuple[int, ...]:
     return parsed
 
 
-def enqueue(bank: Tensor, ptr: int, batch: Tensor) -> int:
-    """Write `batch` (B, *feature_shape) into `bank` at `ptr`; return the new pointer.
+def enqueue(bank: Tensor, ptr: int, batch: Tensor) -> tuple[int, int]:
+    """Write `batch` (B, *feature_shape) into `bank` at `ptr`.
 
     lightly's rule, which is not a ring buffer: rows that do not fit before the end of the
     bank are dropped and the pointer returns to 0.
+
+    Returns:
+        (the new pointer, the number of rows stored).
     """
     n = bank.shape[0]
     fit = min(batch.shape[0], n - ptr)
     bank[ptr : ptr + fit] = batch[:fit]
     new_ptr = ptr + fit
-    return 0 if new_ptr >= n else new_ptr
+    return (0 if new_ptr >= n else new_ptr), fit
+
+
+@dataclass
+class BankCursor:
+    """Host-side bookkeeping of a bank, so that enqueueing never syncs a device.
+
+    `ptr` mirrors the `bank_ptr` buffer; `rows_written` counts every row ever stored.
+    Modules sharing a bank share its cursor.
+    """
+
+    ptr: int = 0
+    rows_written: int = 0
 
 
 class MemoryBankModule(StatefulLoss):
@@ -85,7 +101,7 @@ class MemoryBankModule(StatefulLoss):
         self.size = parse_bank_size("size", size)
         self.gather_distributed = check.flag("gather_distributed", gather_distributed)
         self.feature_dim_first = check.flag("feature_dim_first", feature_dim_first)
-        self._ptr = 0  # host copy of bank_ptr, so that enqueueing never syncs a device
+        self.cursor = BankCursor()
         self.bank: Tensor | None
         self.bank_ptr: Tensor
         if not self.enabled:
@@ -152,10 +168,27 @@ class MemoryBankModule(StatefulLoss):
         rows = batch.detach()
         self._change_state(lambda: self._enqueue(rows))
 
+    def share_storage_of(self, other: MemoryBankModule) -> None:
+        """Read from and enqueue into `other`'s bank (rows, pointer and cursor) from now on.
+
+        Used for memory banks shared between sessions; both modules then show the same
+        `bank` and `bank_ptr` in their state.
+        """
+        if other.bank is None:
+            raise check.state_mismatch("other", "a memory bank with rows", "an unshaped bank")
+        shape = tuple(other.bank.shape)
+        if shape[0] != self.size[0] or (len(self.size) > 1 and shape != self.size):
+            raise check.state_mismatch("size", f"the shared bank's shape {shape}",
+                                       f"{self.size}")
+        self._buffers["bank"] = other.bank
+        self._buffers["bank_ptr"] = other.bank_ptr
+        self.cursor = other.cursor
+
     def _enqueue(self, rows: Tensor) -> None:
         assert self.bank is not None  # read() shaped it
-        self._ptr = enqueue(self.bank, self._ptr, rows.to(self.bank.device))
-        self.bank_ptr.fill_(self._ptr)
+        self.cursor.ptr, stored = enqueue(self.bank, self.cursor.ptr, rows.to(self.bank.device))
+        self.cursor.rows_written += stored
+        self.bank_ptr.fill_(self.cursor.ptr)
 
     def _set_bank(self, bank: Tensor) -> None:
         if self.bank is None:
@@ -176,7 +209,7 @@ class MemoryBankModule(StatefulLoss):
 
     def _after_load(self) -> None:
         if self.enabled:
-            self._ptr = int(self.bank_ptr)
+            self.cursor.ptr = int(self.bank_ptr)
 
 
 def _random_rows(shape: tuple[int, ...]) -> Tensor:

@@ -52,7 +52,7 @@ class Batch(str, Enum):
 
     NONE = "none"  # not per-sample: must be the same on every rank
     ROWS = "rows"  # every tensor of the argument is per-sample along dim 0
-    VIEW_ROWS = "view_rows"  # (views * batch_size, ...), view-major (MSN's anchors)
+    VIEW_ROWS = "view_rows"  # (views * batch_size, ...), view-major; batch_size from `views_of`
 
 
 class DType(str, Enum):
@@ -83,11 +83,21 @@ class Arg:
     batch: Batch = Batch.NONE
     grad: bool | tuple[bool, bool] = False
     dtype: DType = DType.FLOAT
+    views_of: str = ""  # VIEW_ROWS: the ROWS argument whose length is the batch size
 
     @property
     def is_tensor(self) -> bool:
         """True when the argument holds tensors."""
         return self.kind in (Kind.TENSOR, Kind.TENSOR_LIST, Kind.TENSOR_PAIR, Kind.PAIR_LIST)
+
+
+@dataclass(frozen=True)
+class BankSlot:
+    """Where a loss keeps its memory bank: the constructor argument that sizes it and the
+    path of the MemoryBankModule ("" when the loss is one)."""
+
+    size_arg: str
+    module: str
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,7 @@ class LossSpec:
     args: tuple[Arg, ...]
     state: tuple[str, ...] = ()
     returns: Returns = Returns.LOSS
+    bank: BankSlot | None = None
     notes: str = ""
     _signature: inspect.Signature = field(init=False, repr=False, compare=False)
 
@@ -150,8 +161,9 @@ def _two_views(a: str, b: str) -> tuple[Arg, Arg]:
 
 
 _BANK_STATE = ("memory_bank.bank", "memory_bank.bank_ptr")
+_BANK = BankSlot("memory_bank_size", "memory_bank")
 _MSN_ARGS = (
-    Arg("anchors", _T, Batch.VIEW_ROWS, grad=True),
+    Arg("anchors", _T, Batch.VIEW_ROWS, grad=True, views_of="targets"),
     Arg("targets", _T, _ROWS),
     Arg("prototypes", _T, grad=True),
     Arg("target_sharpen_temperature", Kind.NUMBER),
@@ -159,7 +171,7 @@ _MSN_ARGS = (
 
 _ENTRIES: tuple[LossSpec, ...] = (
     LossSpec(BarlowTwinsLoss, _two_views("z_a", "z_b")),
-    LossSpec(CO2Regularizer, _two_views("out0", "out1"), state=_BANK_STATE,
+    LossSpec(CO2Regularizer, _two_views("out0", "out1"), state=_BANK_STATE, bank=_BANK,
              notes="differentiable, unlike lightly 1.6"),
     LossSpec(DCLLoss, _two_views("out0", "out1")),
     LossSpec(DCLWLoss, _two_views("out0", "out1")),
@@ -181,11 +193,11 @@ _ENTRIES: tuple[LossSpec, ...] = (
         Arg("output", _T, _ROWS),
         Arg("labels", _T, _ROWS, dtype=DType.ANY),
         Arg("update", Kind.FLAG),
-    ), state=("bank", "bank_ptr"), returns=Returns.OUTPUTS),
+    ), state=("bank", "bank_ptr"), returns=Returns.OUTPUTS, bank=BankSlot("size", "")),
     LossSpec(MMCRLoss, _two_views("online", "momentum")),
     LossSpec(MSNLoss, _MSN_ARGS),
     LossSpec(NegativeCosineSimilarity, _two_views("x0", "x1")),
-    LossSpec(NTXentLoss, _two_views("out0", "out1"), state=_BANK_STATE),
+    LossSpec(NTXentLoss, _two_views("out0", "out1"), state=_BANK_STATE, bank=_BANK),
     LossSpec(PMSNCustomLoss, _MSN_ARGS),
     LossSpec(PMSNLoss, _MSN_ARGS),
     LossSpec(SwaVLoss, (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
+from .compute import Computer
 from .config import ServerConfig, resolve_device
 from .servicer import LossServicer
 from .sessions import SessionStore
@@ -58,7 +60,8 @@ class LossdServer:
                 log.info("session expired after %.0f s idle: %s", self.store.ttl_s, session_id)
 
 
-def create_server(config: ServerConfig) -> LossdServer:
+def create_server(config: ServerConfig,
+                  interceptors: Sequence[grpc.ServerInterceptor] = ()) -> LossdServer:
     """A LossdServer bound to config.host:config.port, not yet started."""
     default_device = resolve_device(config.device)
     store = SessionStore(lambda name: resolve_device(name, str(default_device)),
@@ -69,8 +72,9 @@ def create_server(config: ServerConfig) -> LossdServer:
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers,
                                                     thread_name_prefix="lossd-rpc"),
-                         options=limits)
-    pb_grpc.add_LossServiceServicer_to_server(LossServicer(store), server)
+                         options=limits, interceptors=interceptors)
+    computer = Computer(store, config.global_batch_timeout_s)
+    pb_grpc.add_LossServiceServicer_to_server(LossServicer(store, computer), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

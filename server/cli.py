@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--session-ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
                         help="delete sessions idle for this long (default: 86400, a day)")
+    parser.add_argument("--global-batch-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="how long the ranks of a global-batch step wait for each other "
+                             "before the step fails with ABORTED (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: INFO)")
 
@@ -38,7 +41,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of parsed flags."""
     return ServerConfig(host=args.host, port=args.port, device=args.device,
                         max_message_mb=args.max_message_mb, workers=args.workers,
-                        session_ttl_s=args.session_ttl)
+                        session_ttl_s=args.session_ttl,
+                        global_batch_timeout_s=args.global_batch_timeout)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ class ServerConfig:
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     workers: int = 16
     session_ttl_s: float = 24 * 3600.0
+    global_batch_timeout_s: float = 120.0
 
     @property
     def max_message_bytes(self) -> int:

@@ -88,6 +88,25 @@ def rpc_method(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
+def rpc_stream(method: Handler) -> Handler:
+    """rpc_method for stream handlers (generators): a failure ends the stream with a status."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from method(self, request_iterator, context)
+            return
+        except grpc.RpcError:  # the client cancelled or went away: nothing to answer
+            log.debug("stream %s ended by the client", method.__name__)
+            return
+        except Exception as error:  # noqa: BLE001 - the one exit, as in rpc_method
+            code, message = status_of(error)
+            log_failure(method.__name__, None, code, message)
+        context.abort(code, message)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def log_failure(method: str, request: Any, code: grpc.StatusCode, message: str) -> None:
     """One structured line per failed call."""
     log.warning(

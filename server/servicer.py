@@ -3,26 +3,43 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import grpc
 import torch
+from torch import nn
 
-from lossd.v1 import codec
+from lossd.v1 import codec, stream
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
+from lossd.v1 import tensor_pb2 as tpb
 
-from . import steps
+from .banks import SharedBank
 from .catalog import build_catalog
-from .errors import FailedPrecondition, InvalidArgument, rpc_method
+from .compute import Computer
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    log_failure,
+    rpc_method,
+    rpc_stream,
+    status_of,
+)
 from .sessions import Session, SessionStore
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
-    """Implements lossd.v1.LossService over a SessionStore."""
+    """Implements lossd.v1.LossService over a SessionStore and its BankStore."""
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, computer: Computer,
+                 chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES) -> None:
         self.store = store
+        self.banks = store.banks
+        self.computer = computer
+        self.chunk_bytes = chunk_bytes
         self._catalog = build_catalog()
+
+    # -- catalog and sessions --------------------------------------------------------------
 
     @rpc_method
     def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext
@@ -32,13 +49,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
     @rpc_method
     def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
                       ) -> pb.Session:
-        try:
-            config = codec.decode_values(request.config)
-        except ValueError as error:
-            raise InvalidArgument(str(error)) from None
+        config = _decode(codec.decode_values, request.config)
+        dtype = (_dtype(request.shared_bank_dtype)
+                 if request.shared_bank_dtype != tpb.DTYPE_UNSPECIFIED else None)
         session, created = self.store.create(
             request.loss, config, request.session_id,
-            request.seed if request.HasField("seed") else None, request.device)
+            request.seed if request.HasField("seed") else None, request.device,
+            request.shared_bank, dtype)
         return session_message(session, created=created)
 
     @rpc_method
@@ -57,27 +74,102 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.store.delete(request.session_id)
         return pb.DeleteSessionResponse()
 
+    # -- steps -----------------------------------------------------------------------------
+
     @rpc_method
     def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext
                 ) -> pb.ComputeResponse:
-        session = self.store.get(request.session_id)
-        inputs = steps.decode_inputs(session.spec, request.args, session.device)
-        result, grads = steps.run_step(session, inputs)
-        return steps.encode_response(inputs, result, grads, session.steps)
+        return self.computer.compute(request).encode()
+
+    @rpc_stream
+    def ComputeStream(self, request_iterator: Iterator[pb.StreamMessage],
+                      context: grpc.ServicerContext) -> Iterator[pb.StreamMessage]:
+        assembler = stream.Assembler()
+        for message in request_iterator:
+            kind = message.WhichOneof("kind")
+            try:
+                if kind == "request":
+                    complete = assembler.start(message.request)
+                elif kind == "chunk":
+                    complete = assembler.add(message.chunk)
+                else:
+                    raise ValueError(f"expected a request or a chunk, got {kind or 'nothing'}")
+            except ValueError as error:
+                raise InvalidArgument(f"ComputeStream framing: {error}") from None
+            if complete:
+                yield from self._stream_step(assembler)
+
+    def _stream_step(self, assembler: stream.Assembler) -> Iterator[pb.StreamMessage]:
+        request: pb.ComputeRequest = assembler.message
+        try:
+            reply = self.computer.compute(request, assembler.payloads())
+        except Exception as error:  # noqa: BLE001 - a failed step does not end the stream
+            code, message = status_of(error)
+            log_failure("ComputeStream", request, code, message)
+            yield pb.StreamMessage(error=pb.StepError(
+                request_id=request.request_id, code=code.value[0], message=message))
+            return
+        chunker = codec.Chunker(self.chunk_bytes)
+        yield from stream.frames(pb.StreamMessage(response=reply.encode(chunker)), chunker)
+
+    # -- session state ---------------------------------------------------------------------
 
     @rpc_method
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.State:
         session = self.store.get(request.session_id)
-        with session.lock:
-            return state_message(session)
+        with session.lock, session.bank_lock():
+            return state_message(session.module, session.steps)
 
     @rpc_method
     def SetState(self, request: pb.SetStateRequest, context: grpc.ServicerContext) -> pb.State:
         session = self.store.get(request.session_id)
-        tensors = _decode_state(request)
-        with session.lock:
-            replace_state(session, tensors)
-            return state_message(session)
+        tensors = decode_state(request.tensors)
+        with session.lock, session.bank_lock():
+            load_state(session.module, tensors, session.spec.state, session.loss)
+            return state_message(session.module, session.steps)
+
+    # -- shared banks ----------------------------------------------------------------------
+
+    @rpc_method
+    def CreateBank(self, request: pb.CreateBankRequest, context: grpc.ServicerContext
+                   ) -> pb.Bank:
+        dtype = _dtype(request.dtype) if request.dtype != tpb.DTYPE_UNSPECIFIED else torch.float32
+        device = _decode(self.store._resolve_device, request.device)
+        bank, created = self.banks.create(
+            request.name, request.num_features, request.dim, dtype, device,
+            request.seed if request.HasField("seed") else None)
+        return bank_message(bank, created=created)
+
+    @rpc_method
+    def GetBank(self, request: pb.GetBankRequest, context: grpc.ServicerContext) -> pb.Bank:
+        return bank_message(self.banks.get(request.name))
+
+    @rpc_method
+    def ListBanks(self, request: pb.ListBanksRequest, context: grpc.ServicerContext
+                  ) -> pb.ListBanksResponse:
+        return pb.ListBanksResponse(banks=[bank_message(b) for b in self.banks.list()])
+
+    @rpc_method
+    def DeleteBank(self, request: pb.DeleteBankRequest, context: grpc.ServicerContext
+                   ) -> pb.DeleteBankResponse:
+        self.banks.delete(request.name)
+        return pb.DeleteBankResponse()
+
+    @rpc_method
+    def GetBankState(self, request: pb.GetBankRequest, context: grpc.ServicerContext
+                     ) -> pb.State:
+        bank = self.banks.get(request.name)
+        with bank.lock:
+            return state_message(bank.module, bank.rows_written)
+
+    @rpc_method
+    def SetBankState(self, request: pb.SetBankStateRequest, context: grpc.ServicerContext
+                     ) -> pb.State:
+        bank = self.banks.get(request.name)
+        tensors = decode_state(request.tensors)
+        with bank.lock:
+            load_state(bank.module, tensors, ("bank", "bank_ptr"), f"bank {bank.name!r}")
+            return state_message(bank.module, bank.rows_written)
 
 
 def session_message(session: Session, created: bool = False) -> pb.Session:
@@ -91,50 +183,69 @@ def session_message(session: Session, created: bool = False) -> pb.Session:
         last_used_at=session.last_used_at,
         created=created,
         state_bytes=session.state_bytes(),
+        shared_bank=session.bank.name if session.bank is not None else "",
     )
     codec.encode_values(session.config, msg.config)
     return msg
 
 
-def state_message(session: Session) -> pb.State:
-    """The session's state tensors (call with the session's lock held)."""
-    msg = pb.State(steps=session.steps)
-    codec.encode_tensors(session.module.state_dict(), msg.tensors)
+def bank_message(bank: SharedBank, created: bool = False) -> pb.Bank:
+    """The Bank message of a shared bank."""
+    num_features, dim = bank.shape
+    return pb.Bank(
+        name=bank.name, num_features=num_features, dim=dim, dtype=codec.wire_dtype(bank.dtype),
+        device=str(bank.device), pointer=bank.pointer, rows_written=bank.rows_written,
+        sessions=sorted(bank.sessions), created_at=bank.created_at, created=created)
+
+
+def state_message(module: nn.Module, steps: int) -> pb.State:
+    """A module's state tensors (call with its locks held)."""
+    msg = pb.State(steps=steps)
+    codec.encode_tensors(module.state_dict(), msg.tensors)
     return msg
 
 
-def _decode_state(request: pb.SetStateRequest) -> dict[str, torch.Tensor]:
-    try:
-        tensors = codec.decode_tensors(request.tensors)
-    except ValueError as error:
-        raise InvalidArgument(str(error)) from None
-    for name, t in tensors.items():
+def decode_state(tensors: dict[str, pb.Tensor]) -> dict[str, torch.Tensor]:
+    """State tensors from the wire, checked to be finite."""
+    decoded = _decode(codec.decode_tensors, tensors)
+    for name, t in decoded.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InvalidArgument(f"Expected state `{name}` to hold finite values, but it "
                                   "holds NaN or Inf.")
-    return tensors
+    return decoded
 
 
-def replace_state(session: Session, tensors: dict[str, torch.Tensor]) -> None:
-    """Load `tensors` as the session's whole state, or change nothing.
+def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], names: tuple[str, ...],
+               owner: str) -> None:
+    """Load `tensors` as the module's whole state, or change nothing (call with its locks
+    held). Names must be among `names`; shapes that do not fit raise FailedPrecondition.
 
-    Call with the session's lock held. Names must be the loss's state names; shapes that
-    do not fit raise FailedPrecondition.
+    The load is tried on a copy first, because torch's load_state_dict may have copied
+    some tensors by the time it reports a problem with another. Then it runs on the module
+    itself, in place, so that storage shared with a bank stays shared.
     """
-    allowed = set(session.spec.state)
-    unknown = sorted(set(tensors) - allowed)
+    unknown = sorted(set(tensors) - set(names))
     if unknown:
-        raise InvalidArgument(f"{session.loss} has no state {', '.join(map(repr, unknown))}; "
-                              f"its state names are {', '.join(sorted(allowed)) or 'none'}")
-    missing = sorted(set(session.module.state_dict()) - set(tensors))
+        raise InvalidArgument(f"{owner} has no state {', '.join(map(repr, unknown))}; its "
+                              f"state names are {', '.join(sorted(names)) or 'none'}")
+    missing = sorted(set(module.state_dict()) - set(tensors))
     if missing:
-        raise InvalidArgument(f"state is missing {', '.join(map(repr, missing))}; SetState "
-                              "replaces the whole state")
-    # Load into a copy and swap it in, so that a load that fails half way changes nothing.
-    candidate = copy.deepcopy(session.module)
+        raise InvalidArgument(f"state is missing {', '.join(map(repr, missing))}; the whole "
+                              "state is replaced at once")
     try:
-        candidate.load_state_dict(tensors, strict=True)
+        copy.deepcopy(module).load_state_dict(tensors, strict=True)
     except RuntimeError as error:
-        raise FailedPrecondition(f"state does not fit this {session.loss} session: {error}"
-                                 ) from None
-    session.module = candidate
+        raise FailedPrecondition(f"state does not fit {owner}: {error}") from None
+    module.load_state_dict(tensors, strict=True)
+
+
+def _decode(fn, *args):  # type: ignore[no-untyped-def]
+    """fn(*args) with ValueError turned into InvalidArgument."""
+    try:
+        return fn(*args)
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from None
+
+
+def _dtype(value: int) -> torch.dtype:
+    return _decode(codec.torch_dtype, value)

@@ -8,15 +8,20 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from lossd.losses import registry
+from lossd.losses import MemoryBankModule, registry
+from lossd.losses.memory_bank import parse_bank_size
 
-from .errors import AlreadyExists, InvalidArgument, NotFound
+from .banks import BankStore, SharedBank
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .global_batch import GlobalSteps
+from .replies import ReplyCache
 
 # Constructing a loss may draw its memory bank from the global RNG; seeding it is only
 # safe while no other thread does the same.
@@ -41,7 +46,14 @@ class Session:
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
     steps: int = 0
+    bank: SharedBank | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    replies: ReplyCache = field(default_factory=ReplyCache, repr=False)
+    global_steps: GlobalSteps = field(default_factory=GlobalSteps, repr=False)
+
+    def bank_lock(self) -> AbstractContextManager[object]:
+        """The shared bank's lock (a no-op without one); take it after `lock`."""
+        return self.bank.lock if self.bank is not None else nullcontext()
 
     @property
     def spec(self) -> registry.LossSpec:
@@ -90,9 +102,11 @@ class SessionStore:
     Lock order: the store's lock is never held while waiting for a session's lock.
     """
 
-    def __init__(self, resolve_device: Callable[[str], torch.device], ttl_s: float) -> None:
+    def __init__(self, resolve_device: Callable[[str], torch.device], ttl_s: float,
+                 banks: BankStore | None = None) -> None:
         self._resolve_device = resolve_device
         self.ttl_s = ttl_s
+        self.banks = banks if banks is not None else BankStore()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -103,33 +117,45 @@ class SessionStore:
         session_id: str = "",
         seed: int | None = None,
         device: str = "",
+        shared_bank: str = "",
+        shared_bank_dtype: torch.dtype | None = None,
     ) -> tuple[Session, bool]:
         """Create a session, or attach to `session_id` if it exists with the same config.
 
+        With `shared_bank`, the session reads its negatives from and enqueues into that
+        bank; its bank size defaults to the bank's shape.
+
         Returns (session, created). Raises AlreadyExists when the id is taken by another
-        loss or config, InvalidArgument for an unknown loss or a config its class rejects.
+        loss or config, InvalidArgument for an unknown loss or a config its class rejects,
+        FailedPrecondition for a bank of another shape or dtype.
         """
         try:
             spec = registry.get(loss)
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
+        bank = self.banks.get(shared_bank) if shared_bank else None
+        if bank is not None:
+            config = fit_bank(spec, config, bank, shared_bank_dtype)
         full = canonical_config(spec, config)
         if session_id:
             _check_session_id(session_id)
             existing = self._find(session_id)
             if existing is not None:
-                return self._attach(existing, loss, full), False
-        session = Session(
-            session_id=session_id or uuid.uuid4().hex,
-            loss=loss,
-            config=full,
-            module=self._build(spec, full, seed, self._resolve_device(device)),
-            device=self._resolve_device(device),
-        )
+                return self._attach(existing, loss, full, bank), False
+        resolved = self._resolve_device(device)
+        if bank is not None and bank.device != resolved:
+            raise FailedPrecondition(f"bank {bank.name!r} lives on {bank.device}, the session "
+                                     f"would compute on {resolved}")
+        module = self._build(spec, full, seed, resolved)
+        session = Session(session_id=session_id or uuid.uuid4().hex, loss=loss, config=full,
+                          module=module, device=resolved, bank=bank)
         with self._lock:
             winner = self._sessions.setdefault(session.session_id, session)
+            if winner is session and bank is not None:
+                share_bank(spec, module, bank)
+                bank.sessions.add(session.session_id)
         if winner is not session:  # another call created the same id meanwhile
-            return self._attach(winner, loss, full), False
+            return self._attach(winner, loss, full, bank), False
         return session, True
 
     def get(self, session_id: str) -> Session:
@@ -146,31 +172,40 @@ class SessionStore:
             return sorted(self._sessions.values(), key=lambda s: s.created_at)
 
     def delete(self, session_id: str) -> None:
-        """Remove a session; NotFound if there is none with this id."""
+        """Remove a session (detaching it from its bank); NotFound if there is none."""
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
                 raise NotFound(f"session {session_id!r} not found on this server")
+            if session.bank is not None:
+                session.bank.sessions.discard(session_id)
 
     def expire_idle(self, now: float | None = None) -> list[str]:
         """Remove sessions idle for longer than the TTL (not those computing now)."""
         now = time.time() if now is None else now
         with self._lock:
-            idle = [s.session_id for s in self._sessions.values()
+            idle = [s for s in self._sessions.values()
                     if now - s.last_used_at > self.ttl_s and not s.lock.locked()]
-            for session_id in idle:
-                del self._sessions[session_id]
-        return idle
+            for session in idle:
+                del self._sessions[session.session_id]
+                if session.bank is not None:
+                    session.bank.sessions.discard(session.session_id)
+        return [s.session_id for s in idle]
 
     def _find(self, session_id: str) -> Session | None:
         with self._lock:
             return self._sessions.get(session_id)
 
     @staticmethod
-    def _attach(session: Session, loss: str, config: dict[str, Any]) -> Session:
-        if session.loss != loss or session.config != config:
+    def _attach(session: Session, loss: str, config: dict[str, Any],
+                bank: SharedBank | None) -> Session:
+        if session.loss != loss or session.config != config or session.bank is not bank:
+            theirs = f" on bank {session.bank.name!r}" if session.bank else ""
+            mine = f" on bank {bank.name!r}" if bank else ""
             raise AlreadyExists(
                 f"session {session.session_id!r} exists with {session.loss}"
-                f"({_describe(session.config)}); asked for {loss}({_describe(config)})")
+                f"({_describe(session.config)}){theirs}; asked for {loss}"
+                f"({_describe(config)}){mine}")
         session.touch()
         return session
 
@@ -183,6 +218,36 @@ class SessionStore:
             torch.manual_seed(seed)
             module = spec.cls(**config)
         return module.to(device)
+
+
+def fit_bank(spec: registry.LossSpec, config: dict[str, Any], bank: SharedBank,
+             dtype: torch.dtype | None) -> dict[str, Any]:
+    """The config with its bank size set to the shared bank's shape (FailedPrecondition
+    when it asks for another shape or dtype)."""
+    if spec.bank is None:
+        raise InvalidArgument(f"Expected a loss with a memory bank for `shared_bank`, but "
+                              f"{spec.name} has none.")
+    shape = bank.shape
+    if dtype is not None and dtype != bank.dtype:
+        raise FailedPrecondition(f"bank {bank.name!r} holds {bank.dtype} rows {shape}; the "
+                                 f"session asks for {dtype}")
+    asked = config.get(spec.bank.size_arg, 0)
+    try:
+        size = parse_bank_size(spec.bank.size_arg, asked)
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from None
+    if size != (0,) and (size[0] != shape[0] or (len(size) > 1 and size != shape)):
+        raise FailedPrecondition(f"bank {bank.name!r} has shape {shape}; the session asks for "
+                                 f"{spec.bank.size_arg}={tuple(size)}")
+    return {**config, spec.bank.size_arg: list(shape)}
+
+
+def share_bank(spec: registry.LossSpec, module: nn.Module, bank: SharedBank) -> None:
+    """Point the session module's memory bank at the shared bank's storage."""
+    assert spec.bank is not None
+    target = module.get_submodule(spec.bank.module)
+    assert isinstance(target, MemoryBankModule)
+    target.share_storage_of(bank.module)
 
 
 def _describe(config: dict[str, Any]) -> str:

@@ -4,9 +4,9 @@ session's loss in one state transaction, encode the loss and the gradients."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,7 +18,9 @@ from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import tensor_pb2 as tpb
 
 from .errors import InvalidArgument
-from .sessions import Session
+
+if TYPE_CHECKING:
+    from .sessions import Session
 
 
 @dataclass
@@ -32,12 +34,13 @@ class StepInputs:
     wanted: list[Tensor] = field(default_factory=list)
 
 
-def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: torch.device
-                  ) -> StepInputs:
+def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: torch.device,
+                  chunks: Iterator[bytearray] | None = None) -> StepInputs:
     """Decode and check every argument against the registry before any state is touched.
 
     Checks: argument names, kinds and dtypes, byte lengths (in the codec) and that floats
-    are finite. Raises InvalidArgument naming the argument.
+    are finite. `chunks` holds the bytes of chunked tensors (streams). Raises
+    InvalidArgument naming the argument.
     """
     names = [a.name for a in spec.args]
     unknown = sorted(set(messages) - set(names))
@@ -45,14 +48,15 @@ def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: tor
         raise InvalidArgument(f"{spec.name} has no argument {', '.join(map(repr, unknown))}; "
                               f"its arguments are {', '.join(names)}")
     inputs = StepInputs(args={})
-    for arg in spec.args:
+    for arg in sorted(spec.args, key=lambda a: a.name):  # the order chunks were sent in
         if arg.name not in messages:
             if spec.arg_default(arg.name) is inspect.Parameter.empty:
                 raise InvalidArgument(f"Expected `{arg.name}` ({arg.kind.value}), but it is missing.")
             continue
         hook = _TensorHook(arg, device, inputs.wanted)
         try:
-            value = codec.decode_value(messages[arg.name], arg.name, tensor_hook=hook)
+            value = codec.decode_value(messages[arg.name], arg.name, tensor_hook=hook,
+                                       chunks=chunks)
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
         _check_kind(arg, value, spec.arg_default(arg.name))
@@ -129,18 +133,19 @@ def _describe(value: Any) -> str:
     return f"{value!r}"
 
 
-def run_step(session: Session, inputs: StepInputs) -> tuple[Any, list[Tensor | None]]:
-    """Forward and backward under the session's lock; state changes only on success.
+def run_step(session: Session, inputs: StepInputs) -> tuple[Any, dict[int, Tensor | None]]:
+    """Forward and backward under the session's lock (and its shared bank's), in one state
+    transaction: the state changes only if both succeed.
 
-    Returns the forward result and the gradient of each tensor in `inputs.wanted` (None
-    where the loss does not depend on it).
+    Returns the forward result and the gradient of each tensor in `inputs.wanted`, by
+    `id(tensor)` (None where the loss does not depend on it).
     """
-    with session.lock, state_transaction(session.module):
+    with session.lock, session.bank_lock(), state_transaction(session.module):
         result = session.module(**inputs.args)
         grads = _gradients(result, inputs.wanted)
     session.steps += 1
     session.touch()
-    return result, grads
+    return result, {id(t): g for t, g in zip(inputs.wanted, grads)}
 
 
 def _gradients(result: Any, wanted: list[Tensor]) -> list[Tensor | None]:
@@ -149,33 +154,67 @@ def _gradients(result: Any, wanted: list[Tensor]) -> list[Tensor | None]:
     return list(torch.autograd.grad(result.sum(), wanted, allow_unused=True))
 
 
-def encode_response(inputs: StepInputs, result: Any, grads: list[Tensor | None], steps: int
-                    ) -> pb.ComputeResponse:
-    """The ComputeResponse: the result (inputs returned as is travel as references) and,
-    for every argument that asked for gradients, its gradients shaped like the argument."""
-    response = pb.ComputeResponse(steps=steps)
-    refs = {id(v): name for name, v in inputs.args.items() if isinstance(v, Tensor)}
-    codec.encode_value(result, refs=refs, out=response.result)
-    by_tensor = {id(t): g for t, g in zip(inputs.wanted, grads)}
+@dataclass
+class StepReply:
+    """What a step answers, independent of the transport: the result (forward arguments
+    returned as they are become InputRefs) and, per argument that asked for gradients,
+    its gradients shaped like it."""
+
+    result: Any
+    grads: dict[str, Any]
+    steps: int
+
+    def encode(self, chunker: codec.Chunker | None = None) -> pb.ComputeResponse:
+        """The ComputeResponse; with a chunker, large tensors go to Chunk messages."""
+        response = pb.ComputeResponse(steps=self.steps)
+        codec.encode_value(self.result, chunker=chunker, out=response.result)
+        codec.encode_values(self.grads, response.grads, chunker=chunker)
+        return response
+
+
+def build_reply(inputs: StepInputs, result: Any, grads: Mapping[int, Tensor | None],
+                steps: int) -> StepReply:
+    """The StepReply of a step. `grads` maps id(tensor) of the arguments' tensors to their
+    gradients."""
+    return StepReply(result_tree(inputs, result), grad_trees(inputs, grads), steps)
+
+
+def result_tree(inputs: StepInputs, result: Any) -> Any:
+    """The result, detached, with forward arguments returned as they are as InputRefs."""
+    refs = {id(v): codec.InputRef(name) for name, v in inputs.args.items()
+            if isinstance(v, Tensor)}
+    return _replace(result, lambda t: refs.get(id(t), t.detach()))
+
+
+def grad_trees(inputs: StepInputs, grads: Mapping[int, Tensor | None]) -> dict[str, Any]:
+    """Per argument that asked for any gradient: its gradients, shaped like it."""
+    trees = {}
     for name, value in inputs.args.items():
-        tree = _grad_tree(value, by_tensor)
+        tree = _grad_tree(value, grads)
         if tree is not _NO_GRAD_ASKED:
-            codec.encode_value(tree, out=response.grads[name])
-    return response
+            trees[name] = tree
+    return trees
 
 
 _NO_GRAD_ASKED = object()
 
 
-def _grad_tree(value: Any, by_tensor: dict[int, Tensor | None]) -> Any:
+def _grad_tree(value: Any, grads: Mapping[int, Tensor | None]) -> Any:
     """value with each tensor replaced by its gradient; _NO_GRAD_ASKED if none was asked."""
     if isinstance(value, Tensor):
-        return by_tensor[id(value)] if id(value) in by_tensor else _NO_GRAD_ASKED
+        return grads[id(value)] if id(value) in grads else _NO_GRAD_ASKED
     if isinstance(value, (list, tuple)):
-        items = [_grad_tree(v, by_tensor) for v in value]
+        items = [_grad_tree(v, grads) for v in value]
         if all(i is _NO_GRAD_ASKED for i in items):
             return _NO_GRAD_ASKED
         items = [None if i is _NO_GRAD_ASKED else i for i in items]
         return items if isinstance(value, list) else tuple(items)
     return _NO_GRAD_ASKED
 
+
+def _replace(tree: Any, fn: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_replace(v, fn) for v in tree)
+    return tree

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import grpc
 import pytest
 
 from lossd.client import LossClient
@@ -20,12 +21,13 @@ def require_tool(available: bool, what: str) -> None:
     pytest.skip(f"{what} is not available")
 
 
-def start_server(**overrides: object) -> LossdServer:
+def start_server(interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 **overrides: object) -> LossdServer:
     """A started server on 127.0.0.1 and a free port; stop it when done."""
     config = ServerConfig(host="127.0.0.1", port=0, workers=8)
     for key, value in overrides.items():
         setattr(config, key, value)
-    return create_server(config).start()
+    return create_server(config, interceptors).start()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ state after each step; and both equal lightly's reference values."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,8 +43,18 @@ def test_every_loss_has_a_case() -> None:
     assert {c["loss"] for c in CASES} == set(registry.LOSSES)
 
 
+@pytest.fixture(params=["unary", "stream"])
+def any_client(request: pytest.FixtureRequest, target: str) -> Iterator[LossClient]:
+    """A unary client, and a streaming one whose tiny chunks split every tensor."""
+    streaming = request.param == "stream"
+    with LossClient(target, timeout=60, stream=streaming, chunk_mb=100 / 2**20) as client:
+        yield client
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_case_through_server_equals_in_process(case: dict[str, Any], client: LossClient) -> None:
+def test_case_through_server_equals_in_process(case: dict[str, Any], any_client: LossClient
+                                               ) -> None:
+    client = any_client
     remote = client.loss(case["loss"], **case["config"])
     local = registry.get(case["loss"]).cls(**case["config"])
     if case["state"] is not None:

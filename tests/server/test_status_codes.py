@@ -3,6 +3,7 @@ the session's state and step count are unchanged and the server still answers.""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ def create(stub: pb_grpc.LossServiceStub, loss: str, **config: Any) -> str:
 
 
 def compute_request(session_id: str, **args: Any) -> pb.ComputeRequest:
-    request = pb.ComputeRequest(session_id=session_id, request_id="r")
+    request = pb.ComputeRequest(session_id=session_id, request_id=uuid.uuid4().hex)
     codec.encode_values(args, request.args, wants_grad=lambda t: t.is_floating_point())
     return request
 

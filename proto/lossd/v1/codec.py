@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lossd.v1 import lossd_pb2 as lpb
 from lossd.v1 import tensor_pb2 as pb
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little endian
@@ -69,34 +71,72 @@ def tensor_bytes(t: Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode_tensor(t: Tensor, *, requires_grad: bool = False, out: pb.Tensor | None = None
-                  ) -> pb.Tensor:
-    """A Tensor message holding t's dtype, shape and bytes."""
+class Chunker:
+    """Collects tensors too large for one message while encoding; `chunks()` then yields
+    their bytes as Chunk messages (ComputeStream). Each chunk's bytes are read straight
+    from the tensor, without an intermediate copy of the whole tensor."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.tensors: list[Tensor] = []
+
+    def take(self, t: Tensor) -> bool:
+        """Keep t for chunks if it is larger than one chunk; True if kept."""
+        if t.numel() * t.element_size() <= self.chunk_bytes:
+            return False
+        self.tensors.append(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+        return True
+
+    def chunks(self) -> Iterator[lpb.Chunk]:
+        """Chunk messages for every kept tensor, in order."""
+        for index, flat in enumerate(self.tensors):
+            for offset in range(0, flat.numel(), self.chunk_bytes):
+                piece = flat[offset : offset + self.chunk_bytes].numpy().tobytes()
+                yield lpb.Chunk(tensor=index, offset=offset, data=piece)
+
+
+def encode_tensor(t: Tensor, *, requires_grad: bool = False, out: pb.Tensor | None = None,
+                  chunker: Chunker | None = None) -> pb.Tensor:
+    """A Tensor message holding t's dtype, shape and bytes (or marked `chunked`)."""
     msg = pb.Tensor() if out is None else out
     msg.dtype = wire_dtype(t.dtype)  # type: ignore[assignment]
     msg.shape[:] = t.shape
-    msg.data = tensor_bytes(t)
     msg.requires_grad = requires_grad
+    if chunker is not None and chunker.take(t):
+        msg.chunked = True
+    else:
+        msg.data = tensor_bytes(t)
     return msg
 
 
-def decode_tensor(msg: pb.Tensor, name: str) -> Tensor:
+def tensor_nbytes(msg: pb.Tensor) -> int:
+    """The byte length a Tensor message's shape and dtype call for (ValueError if invalid)."""
+    dtype = torch_dtype(msg.dtype)
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise ValueError(f"expected at most {MAX_DIMS} non-negative dims, got shape {shape}")
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_tensor(msg: pb.Tensor, name: str, chunks: Iterator[bytearray] | None = None
+                  ) -> Tensor:
     """A CPU tensor over the message's bytes (no copy where the bytes allow it).
 
+    A `chunked` tensor takes its bytes from `chunks` (the assembled payloads, in order).
     The result is read-only in spirit: nothing in lossd writes into decoded inputs.
     Raises ValueError naming `name` when dtype, shape or byte length are wrong.
     """
     try:
-        dtype = torch_dtype(msg.dtype)
-    except ValueError:
-        raise ValueError(f"`{name}`: unknown dtype {msg.dtype}") from None
-    shape = tuple(msg.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
-        raise ValueError(f"`{name}`: expected at most {MAX_DIMS} non-negative dims, "
-                         f"got shape {shape}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
-    data = msg.data
+        expected = tensor_nbytes(msg)
+    except ValueError as error:
+        raise ValueError(f"`{name}`: {error}") from None
+    dtype, shape = _FROM_WIRE[msg.dtype], tuple(msg.shape)
+    data: bytes | bytearray = msg.data
+    if msg.chunked:
+        payload = next(chunks, None) if chunks is not None else None
+        if payload is None:
+            raise ValueError(f"`{name}`: marked chunked, but no chunks came with it")
+        data = payload
     if len(data) != expected:
         raise ValueError(f"`{name}`: shape {shape} of {dtype} needs {expected} bytes, "
                          f"got {len(data)}")
@@ -108,23 +148,32 @@ def decode_tensor(msg: pb.Tensor, name: str) -> Tensor:
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def encode_value(value: Any, *, wants_grad: Callable[[Tensor], bool] | None = None,
-                 refs: Mapping[int, str] | None = None, out: pb.Value | None = None) -> pb.Value:
-    """A Value message for a Python value (tensor, list, tuple, number, flag, str, None).
+@dataclass(frozen=True)
+class InputRef:
+    """Stands for the forward argument `name` in a result (it travels as `input_ref`)."""
 
-    `wants_grad(t)` sets each tensor's requires_grad flag (default: False). `refs` maps
-    `id(tensor)` of forward arguments to their names: such tensors travel as `input_ref`.
+    name: str
+
+
+def encode_value(value: Any, *, wants_grad: Callable[[Tensor], bool] | None = None,
+                 chunker: Chunker | None = None, out: pb.Value | None = None) -> pb.Value:
+    """A Value message for a Python value (tensor, list, tuple, number, flag, str, None,
+    InputRef).
+
+    `wants_grad(t)` sets each tensor's requires_grad flag (default: False). With a
+    `chunker`, large tensors are marked `chunked` and kept for Chunk messages.
     """
     msg = pb.Value() if out is None else out
-    if isinstance(value, Tensor) and refs and id(value) in refs:
-        msg.input_ref = refs[id(value)]
-    elif isinstance(value, Tensor):
-        encode_tensor(value, requires_grad=bool(wants_grad and wants_grad(value)), out=msg.tensor)
+    if isinstance(value, Tensor):
+        encode_tensor(value, requires_grad=bool(wants_grad and wants_grad(value)), out=msg.tensor,
+                      chunker=chunker)
+    elif isinstance(value, InputRef):
+        msg.input_ref = value.name
     elif isinstance(value, (list, tuple)):
         items = msg.list if isinstance(value, list) else msg.tuple
         items.SetInParent()  # an empty list is still a list
         for item in value:
-            encode_value(item, wants_grad=wants_grad, refs=refs, out=items.items.add())
+            encode_value(item, wants_grad=wants_grad, chunker=chunker, out=items.items.add())
     elif isinstance(value, bool):
         msg.flag = value
     elif isinstance(value, int):
@@ -145,21 +194,23 @@ TensorHook = Callable[[Tensor, pb.Tensor, str], Tensor]
 
 
 def decode_value(msg: pb.Value, name: str, *, inputs: Mapping[str, Any] | None = None,
-                 tensor_hook: TensorHook | None = None, _depth: int = 0) -> Any:
+                 tensor_hook: TensorHook | None = None,
+                 chunks: Iterator[bytearray] | None = None, _depth: int = 0) -> Any:
     """The Python value of a Value message; `name` is its path, for error messages.
 
     `inputs` resolves `input_ref` values (results that are forward arguments);
-    `tensor_hook(tensor, message, path)` may check or transform each decoded tensor.
+    `tensor_hook(tensor, message, path)` may check or transform each decoded tensor;
+    `chunks` supplies the bytes of `chunked` tensors, in order.
     """
     if _depth > MAX_DEPTH:
         raise ValueError(f"`{name}`: nested deeper than {MAX_DEPTH} levels")
     kind = msg.WhichOneof("kind")
     if kind == "tensor":
-        t = decode_tensor(msg.tensor, name)
+        t = decode_tensor(msg.tensor, name, chunks)
         return t if tensor_hook is None else tensor_hook(t, msg.tensor, name)
     if kind in ("list", "tuple"):
         items = [decode_value(item, f"{name}[{i}]", inputs=inputs, tensor_hook=tensor_hook,
-                              _depth=_depth + 1)
+                              chunks=chunks, _depth=_depth + 1)
                  for i, item in enumerate(getattr(msg, kind).items)]
         return items if kind == "list" else tuple(items)
     if kind in ("number", "integer", "flag", "text"):
@@ -172,8 +223,11 @@ def decode_value(msg: pb.Value, name: str, *, inputs: Mapping[str, Any] | None =
 
 
 def encode_values(values: Mapping[str, Any], out: Any, **kwargs: Any) -> None:
-    """Fill a `map<string, Value>` field from a dict; errors name the key."""
-    for key, value in values.items():
+    """Fill a `map<string, Value>` field from a dict; errors name the key.
+
+    Keys go in sorted order, the order `decode_values` reads chunked tensors in.
+    """
+    for key, value in sorted(values.items()):
         try:
             encode_value(value, out=out[key], **kwargs)
         except ValueError as error:
@@ -181,8 +235,29 @@ def encode_values(values: Mapping[str, Any], out: Any, **kwargs: Any) -> None:
 
 
 def decode_values(values: Mapping[str, pb.Value], **kwargs: Any) -> dict[str, Any]:
-    """A dict from a `map<string, Value>` field."""
-    return {key: decode_value(value, key, **kwargs) for key, value in values.items()}
+    """A dict from a `map<string, Value>` field (keys in sorted order, see encode_values)."""
+    return {key: decode_value(value, key, **kwargs) for key, value in sorted(values.items())}
+
+
+def chunked_sizes(msg: Any) -> list[int]:
+    """Byte sizes of the `chunked` tensors of a ComputeRequest or ComputeResponse, in the
+    order encode/decode visit them (result first, then map entries by sorted key)."""
+    sizes: list[int] = []
+
+    def visit(value: pb.Value, depth: int = 0) -> None:
+        kind = value.WhichOneof("kind")
+        if kind == "tensor" and value.tensor.chunked:
+            sizes.append(tensor_nbytes(value.tensor))
+        elif kind in ("list", "tuple") and depth < MAX_DEPTH:
+            for item in getattr(value, kind).items:
+                visit(item, depth + 1)
+
+    if isinstance(msg, lpb.ComputeResponse):
+        visit(msg.result)
+    for field in ("args", "grads"):
+        for _, value in sorted(getattr(msg, field, {}).items()):
+            visit(value)
+    return sizes
 
 
 def decode_tensors(tensors: Mapping[str, pb.Tensor]) -> dict[str, Tensor]:

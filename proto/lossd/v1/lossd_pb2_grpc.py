@@ -78,6 +78,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_lossd__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_lossd__pb2.ComputeResponse.FromString,
                 _registered_method=True)
+        self.ComputeStream = channel.stream_stream(
+                '/lossd.v1.LossService/ComputeStream',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.StreamMessage.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.StreamMessage.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_unary(
                 '/lossd.v1.LossService/GetState',
                 request_serializer=lossd_dot_v1_dot_lossd__pb2.GetStateRequest.SerializeToString,
@@ -86,6 +91,36 @@ class LossServiceStub:
         self.SetState = channel.unary_unary(
                 '/lossd.v1.LossService/SetState',
                 request_serializer=lossd_dot_v1_dot_lossd__pb2.SetStateRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.State.FromString,
+                _registered_method=True)
+        self.CreateBank = channel.unary_unary(
+                '/lossd.v1.LossService/CreateBank',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.CreateBankRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.Bank.FromString,
+                _registered_method=True)
+        self.GetBank = channel.unary_unary(
+                '/lossd.v1.LossService/GetBank',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.GetBankRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.Bank.FromString,
+                _registered_method=True)
+        self.ListBanks = channel.unary_unary(
+                '/lossd.v1.LossService/ListBanks',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.ListBanksRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.ListBanksResponse.FromString,
+                _registered_method=True)
+        self.DeleteBank = channel.unary_unary(
+                '/lossd.v1.LossService/DeleteBank',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.DeleteBankRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.DeleteBankResponse.FromString,
+                _registered_method=True)
+        self.GetBankState = channel.unary_unary(
+                '/lossd.v1.LossService/GetBankState',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.GetBankRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.State.FromString,
+                _registered_method=True)
+        self.SetBankState = channel.unary_unary(
+                '/lossd.v1.LossService/SetBankState',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.SetBankStateRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_lossd__pb2.State.FromString,
                 _registered_method=True)
 
@@ -140,7 +175,17 @@ class LossServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Compute(self, request, context):
-        """One step: forward, backward and the state update, all or nothing.
+        """One step: forward, backward and the state update, all or nothing. A retry
+        with the same request_id answers the first result without a second update.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ComputeStream(self, request_iterator, context):
+        """Compute for a training loop: requests and answers on one long-lived stream,
+        large tensors in chunks. A failed step answers a StepError and the stream
+        goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +201,45 @@ class LossServiceServicer:
     def SetState(self, request, context):
         """Replace the session's state (all of it or nothing).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBank(self, request, context):
+        """Shared memory banks: named queues of embeddings that several sessions (of
+        several jobs) read their negatives from and enqueue into.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBanks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBankState(self, request, context):
+        """The bank's state as `bank` (num_features, dim) and `bank_ptr` (1,).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBankState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -193,6 +277,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     request_deserializer=lossd_dot_v1_dot_lossd__pb2.ComputeRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_lossd__pb2.ComputeResponse.SerializeToString,
             ),
+            'ComputeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeStream,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.StreamMessage.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.StreamMessage.SerializeToString,
+            ),
             'GetState': grpc.unary_unary_rpc_method_handler(
                     servicer.GetState,
                     request_deserializer=lossd_dot_v1_dot_lossd__pb2.GetStateRequest.FromString,
@@ -201,6 +290,36 @@ def add_LossServiceServicer_to_server(servicer, server):
             'SetState': grpc.unary_unary_rpc_method_handler(
                     servicer.SetState,
                     request_deserializer=lossd_dot_v1_dot_lossd__pb2.SetStateRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.State.SerializeToString,
+            ),
+            'CreateBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBank,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.CreateBankRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.Bank.SerializeToString,
+            ),
+            'GetBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBank,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.GetBankRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.Bank.SerializeToString,
+            ),
+            'ListBanks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBanks,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.ListBanksRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.ListBanksResponse.SerializeToString,
+            ),
+            'DeleteBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBank,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.DeleteBankRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.DeleteBankResponse.SerializeToString,
+            ),
+            'GetBankState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBankState,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.GetBankRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.State.SerializeToString,
+            ),
+            'SetBankState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBankState,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.SetBankStateRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_lossd__pb2.State.SerializeToString,
             ),
     }
@@ -391,6 +510,33 @@ class LossService:
             _registered_method=True)
 
     @staticmethod
+    def ComputeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lossd.v1.LossService/ComputeStream',
+            lossd_dot_v1_dot_lossd__pb2.StreamMessage.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.StreamMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetState(request,
             target,
             options=(),
@@ -433,6 +579,168 @@ class LossService:
             target,
             '/lossd.v1.LossService/SetState',
             lossd_dot_v1_dot_lossd__pb2.SetStateRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.State.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/CreateBank',
+            lossd_dot_v1_dot_lossd__pb2.CreateBankRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.Bank.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/GetBank',
+            lossd_dot_v1_dot_lossd__pb2.GetBankRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.Bank.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBanks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/ListBanks',
+            lossd_dot_v1_dot_lossd__pb2.ListBanksRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.ListBanksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/DeleteBank',
+            lossd_dot_v1_dot_lossd__pb2.DeleteBankRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.DeleteBankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBankState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/GetBankState',
+            lossd_dot_v1_dot_lossd__pb2.GetBankRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.State.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBankState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/SetBankState',
+            lossd_dot_v1_dot_lossd__pb2.SetBankStateRequest.SerializeToString,
             lossd_dot_v1_dot_lossd__pb2.State.FromString,
             options,
             channel_credentials,

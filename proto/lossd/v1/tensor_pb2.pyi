@@ -29,16 +29,18 @@ BOOL: DType
 UINT8: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "requires_grad")
+    __slots__ = ("dtype", "shape", "data", "requires_grad", "chunked")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     requires_grad: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+    chunked: bool
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., requires_grad: _Optional[bool] = ..., chunked: _Optional[bool] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("tensor", "list", "tuple", "number", "integer", "flag", "text", "none", "input_ref")

@@ -1,0 +1,65 @@
+"""Compute, whatever the transport: exactly-once by request id, alone or as one rank's
+shard of a global batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+
+from lossd.v1 import lossd_pb2 as pb
+
+from . import steps
+from .global_batch import merge_shards
+from .sessions import Session, SessionStore
+from .steps import StepInputs, StepReply
+
+
+class Computer:
+    """Runs Compute requests against a SessionStore.
+
+    Args:
+        store: the sessions.
+        global_batch_timeout_s: how long the ranks of a global step wait for each other.
+    """
+
+    def __init__(self, store: SessionStore, global_batch_timeout_s: float) -> None:
+        self.store = store
+        self.global_batch_timeout_s = global_batch_timeout_s
+
+    def compute(self, request: pb.ComputeRequest, chunks: Iterator[bytearray] | None = None
+                ) -> StepReply:
+        """The reply to one request; a retried request id gets the first reply."""
+        session = self.store.get(request.session_id)
+        return session.replies.run(request.request_id,
+                                   lambda: self._compute(session, request, chunks))
+
+    def _compute(self, session: Session, request: pb.ComputeRequest,
+                 chunks: Iterator[bytearray] | None) -> StepReply:
+        inputs = steps.decode_inputs(session.spec, request.args, session.device, chunks)
+        if not request.HasField("global_batch") or request.global_batch.world_size <= 1:
+            result, grads = steps.run_step(session, inputs)
+            return steps.build_reply(inputs, result, grads, session.steps)
+        batch = request.global_batch
+        return session.global_steps.submit(
+            batch.step, batch.world_size, batch.rank, inputs, self.global_batch_timeout_s,
+            lambda shards: self._global_step(session, shards))
+
+    @staticmethod
+    def _global_step(session: Session, shards: list[StepInputs]) -> list[StepReply]:
+        """Compute the global batch once; answer each rank its shard's gradients times W
+        (the full gradient for arguments that are not per-sample)."""
+        merged, sources = merge_shards(session.spec, shards)
+        result, grads = steps.run_step(session, merged)
+        tree = steps.result_tree(merged, result)
+        replies = []
+        for shard, source in zip(shards, sources):
+            own: dict[int, Tensor | None] = {}
+            for t in shard.wanted:
+                src = source.get(id(t))
+                grad = grads.get(src.leaf) if src is not None else None
+                if grad is not None and src is not None and src.per_sample:
+                    grad = grad * len(shards)
+                own[id(t)] = grad
+            replies.append(StepReply(tree, steps.grad_trees(shard, own), session.steps))
+        return replies
