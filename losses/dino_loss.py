@@ -52,7 +52,7 @@ class DINOLoss(StatefulLoss):
         self.center_mode = check_center_mode(center_mode)
         # lightly's schedule is a float32 linspace; keep its exact values.
         self.teacher_temp_schedule: list[float] = torch.linspace(
-            warmup, self.teacher_temp, self.warmup_teacher_temp_epochs
+            warmup, self.teacher_temp, self.warmup_teacher_temp_epochs, device="cpu"
         ).tolist()
         self.center: Tensor
         self.register_buffer("center", torch.zeros(1, 1, self.output_dim))

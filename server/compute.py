@@ -11,26 +11,26 @@ from lossd.v1 import lossd_pb2 as pb
 
 from . import steps
 from .global_batch import merge_shards
-from .sessions import Session, SessionStore
+from .limits import Admission
+from .sessions import Session
 from .steps import StepInputs, StepReply
 
 
 class Computer:
-    """Runs Compute requests against a SessionStore.
+    """Runs Compute requests on sessions.
 
     Args:
-        store: the sessions.
+        admission: bounds the steps computing at once and those waiting for a turn.
         global_batch_timeout_s: how long the ranks of a global step wait for each other.
     """
 
-    def __init__(self, store: SessionStore, global_batch_timeout_s: float) -> None:
-        self.store = store
+    def __init__(self, admission: Admission, global_batch_timeout_s: float) -> None:
+        self.admission = admission
         self.global_batch_timeout_s = global_batch_timeout_s
 
-    def compute(self, request: pb.ComputeRequest, chunks: Iterator[bytearray] | None = None
-                ) -> StepReply:
+    def compute(self, session: Session, request: pb.ComputeRequest,
+                chunks: Iterator[bytearray] | None = None) -> StepReply:
         """The reply to one request; a retried request id gets the first reply."""
-        session = self.store.get(request.session_id)
         return session.replies.run(request.request_id,
                                    lambda: self._compute(session, request, chunks))
 
@@ -38,19 +38,18 @@ class Computer:
                  chunks: Iterator[bytearray] | None) -> StepReply:
         inputs = steps.decode_inputs(session.spec, request.args, session.device, chunks)
         if not request.HasField("global_batch") or request.global_batch.world_size <= 1:
-            result, grads = steps.run_step(session, inputs)
+            result, grads = steps.run_step(session, inputs, self.admission)
             return steps.build_reply(inputs, result, grads, session.steps)
         batch = request.global_batch
         return session.global_steps.submit(
             batch.step, batch.world_size, batch.rank, inputs, self.global_batch_timeout_s,
             lambda shards: self._global_step(session, shards))
 
-    @staticmethod
-    def _global_step(session: Session, shards: list[StepInputs]) -> list[StepReply]:
+    def _global_step(self, session: Session, shards: list[StepInputs]) -> list[StepReply]:
         """Compute the global batch once; answer each rank its shard's gradients times W
         (the full gradient for arguments that are not per-sample)."""
         merged, sources = merge_shards(session.spec, shards)
-        result, grads = steps.run_step(session, merged)
+        result, grads = steps.run_step(session, merged, self.admission)
         tree = steps.result_tree(merged, result)
         replies = []
         for shard, source in zip(shards, sources):

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lossd.v1.codec import DEFAULT_MAX_MESSAGE_MB
 
+from .limits import Limits
+
 DEFAULT_PORT = 50051
+DEFAULT_STATE_DIR = "./lossd-state"
 __all__ = ["DEFAULT_MAX_MESSAGE_MB", "DEFAULT_PORT", "ServerConfig", "resolve_device"]
 
 
 @dataclass
 class ServerConfig:
-    """Everything `create_server` needs. Port 0 binds a free port (tests)."""
+    """Everything `create_server` needs. Port 0 binds a free port (tests).
+
+    `state_dir` "" keeps no durable state; `metrics_port` None serves no metrics;
+    `auth_tokens_file` None takes tokens from $LOSSD_AUTH_TOKENS, if set (else no auth).
+    """
 
     host: str = "localhost"
     port: int = DEFAULT_PORT
@@ -23,6 +30,14 @@ class ServerConfig:
     workers: int = 16
     session_ttl_s: float = 24 * 3600.0
     global_batch_timeout_s: float = 120.0
+    state_dir: str = ""
+    snapshot_interval_s: float = 60.0
+    shutdown_grace_s: float = 30.0
+    auth_tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def max_message_bytes(self) -> int:

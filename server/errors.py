@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import grpc
 
@@ -68,52 +65,3 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s", incident, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the server log)"
-
-
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
-def rpc_method(method: Handler) -> Handler:
-    """Wrap a servicer method: every exception leaves as one status, through one exit."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except Exception as error:  # noqa: BLE001 - this is the one exit for all errors
-            code, message = status_of(error)
-            log_failure(method.__name__, request, code, message)
-        context.abort(code, message)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def rpc_stream(method: Handler) -> Handler:
-    """rpc_method for stream handlers (generators): a failure ends the stream with a status."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request_iterator: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            yield from method(self, request_iterator, context)
-            return
-        except grpc.RpcError:  # the client cancelled or went away: nothing to answer
-            log.debug("stream %s ended by the client", method.__name__)
-            return
-        except Exception as error:  # noqa: BLE001 - the one exit, as in rpc_method
-            code, message = status_of(error)
-            log_failure(method.__name__, None, code, message)
-        context.abort(code, message)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def log_failure(method: str, request: Any, code: grpc.StatusCode, message: str) -> None:
-    """One structured line per failed call."""
-    log.warning(
-        "rpc failed method=%s session=%s request=%s status=%s message=%r",
-        method,
-        getattr(request, "session_id", "") or "-",
-        getattr(request, "request_id", "") or "-",
-        code.name,
-        message,
-    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -14,46 +15,64 @@ from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 from lossd.v1 import tensor_pb2 as tpb
 
-from .banks import SharedBank
+from .auth import Authenticator
+from .banks import SharedBank, bank_bytes
+from .calls import log_failure, note, observe_step, rpc_method, rpc_stream
 from .catalog import build_catalog
 from .compute import Computer
-from .errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    log_failure,
-    rpc_method,
-    rpc_stream,
-    status_of,
-)
-from .sessions import Session, SessionStore
+from .errors import FailedPrecondition, InvalidArgument, Unavailable, status_of
+from .metrics import Metrics
+from .persistence import Snapshotter
+from .sessions import Session, SessionStore, check_id
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
-    """Implements lossd.v1.LossService over a SessionStore and its BankStore."""
+    """Implements lossd.v1.LossService over a SessionStore and its BankStore.
 
-    def __init__(self, store: SessionStore, computer: Computer,
+    Every method first resolves the caller's tenant (Authenticator); sessions and banks
+    are looked up within it, so tenants never see each other's.
+    """
+
+    def __init__(self, store: SessionStore, computer: Computer, auth: Authenticator,
+                 metrics: Metrics | None = None, snapshots: Snapshotter | None = None,
                  chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES) -> None:
         self.store = store
         self.banks = store.banks
         self.computer = computer
+        self.auth = auth
+        self.metrics = metrics
+        self.snapshots = snapshots
         self.chunk_bytes = chunk_bytes
         self._catalog = build_catalog()
+
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        tenant = self.auth.tenant(context)
+        note(tenant=tenant)
+        return tenant
+
+    def _session(self, context: grpc.ServicerContext, session_id: str) -> Session:
+        session = self.store.get(self._tenant(context), session_id)
+        note(loss=session.loss)
+        return session
 
     # -- catalog and sessions --------------------------------------------------------------
 
     @rpc_method
     def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext
                    ) -> pb.ListLossesResponse:
+        self._tenant(context)
         return self._catalog
 
     @rpc_method
     def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
                       ) -> pb.Session:
+        tenant = self._tenant(context)
+        note(loss=request.loss)
         config = _decode(codec.decode_values, request.config)
         dtype = (_dtype(request.shared_bank_dtype)
                  if request.shared_bank_dtype != tpb.DTYPE_UNSPECIFIED else None)
         session, created = self.store.create(
-            request.loss, config, request.session_id,
+            tenant, request.loss, config, request.session_id,
             request.seed if request.HasField("seed") else None, request.device,
             request.shared_bank, dtype)
         return session_message(session, created=created)
@@ -61,17 +80,18 @@ class LossServicer(pb_grpc.LossServiceServicer):
     @rpc_method
     def GetSession(self, request: pb.GetSessionRequest, context: grpc.ServicerContext
                    ) -> pb.Session:
-        return session_message(self.store.get(request.session_id))
+        return session_message(self._session(context, request.session_id))
 
     @rpc_method
     def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
                      ) -> pb.ListSessionsResponse:
-        return pb.ListSessionsResponse(sessions=[session_message(s) for s in self.store.list()])
+        sessions = self.store.list(self._tenant(context))
+        return pb.ListSessionsResponse(sessions=[session_message(s) for s in sessions])
 
     @rpc_method
     def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
                       ) -> pb.DeleteSessionResponse:
-        self.store.delete(request.session_id)
+        self.store.delete(self._tenant(context), request.session_id)
         return pb.DeleteSessionResponse()
 
     # -- steps -----------------------------------------------------------------------------
@@ -79,13 +99,19 @@ class LossServicer(pb_grpc.LossServiceServicer):
     @rpc_method
     def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext
                 ) -> pb.ComputeResponse:
-        return self.computer.compute(request).encode()
+        session = self._session(context, request.session_id)
+        return self.computer.compute(session, request).encode()
 
     @rpc_stream
     def ComputeStream(self, request_iterator: Iterator[pb.StreamMessage],
                       context: grpc.ServicerContext) -> Iterator[pb.StreamMessage]:
+        tenant = self._tenant(context)
         assembler = stream.Assembler()
+        received, start = 0, time.perf_counter()
         for message in request_iterator:
+            if not received:
+                start = time.perf_counter()
+            received += message.ByteSize()
             kind = message.WhichOneof("kind")
             try:
                 if kind == "request":
@@ -97,12 +123,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
             except ValueError as error:
                 raise InvalidArgument(f"ComputeStream framing: {error}") from None
             if complete:
-                yield from self._stream_step(assembler)
+                sent = 0
+                for out in self._stream_step(tenant, assembler):
+                    sent += out.ByteSize()
+                    yield out
+                code = grpc.StatusCode.OK if out.WhichOneof("kind") != "error" else (
+                    _code(out.error.code))
+                observe_step(self, code, time.perf_counter() - start, received, sent)
+                received = 0
 
-    def _stream_step(self, assembler: stream.Assembler) -> Iterator[pb.StreamMessage]:
+    def _stream_step(self, tenant: str, assembler: stream.Assembler
+                     ) -> Iterator[pb.StreamMessage]:
         request: pb.ComputeRequest = assembler.message
         try:
-            reply = self.computer.compute(request, assembler.payloads())
+            session = self.store.get(tenant, request.session_id)
+            note(loss=session.loss)
+            reply = self.computer.compute(session, request, assembler.payloads())
         except Exception as error:  # noqa: BLE001 - a failed step does not end the stream
             code, message = status_of(error)
             log_failure("ComputeStream", request, code, message)
@@ -116,16 +152,20 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     @rpc_method
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.State:
-        session = self.store.get(request.session_id)
+        session = self._session(context, request.session_id)
         with session.lock, session.bank_lock():
             return state_message(session.module, session.steps)
 
     @rpc_method
     def SetState(self, request: pb.SetStateRequest, context: grpc.ServicerContext) -> pb.State:
-        session = self.store.get(request.session_id)
+        session = self._session(context, request.session_id)
         tensors = decode_state(request.tensors)
         with session.lock, session.bank_lock():
+            grows = _nbytes(tensors) - session.state_bytes()
+            if grows > 0:
+                self.store.check_room(session.tenant, grows)
             load_state(session.module, tensors, session.spec.state, session.loss)
+            session.changed()
             return state_message(session.module, session.steps)
 
     # -- shared banks ----------------------------------------------------------------------
@@ -133,43 +173,63 @@ class LossServicer(pb_grpc.LossServiceServicer):
     @rpc_method
     def CreateBank(self, request: pb.CreateBankRequest, context: grpc.ServicerContext
                    ) -> pb.Bank:
+        tenant = self._tenant(context)
+        check_id("name", request.name)
         dtype = _dtype(request.dtype) if request.dtype != tpb.DTYPE_UNSPECIFIED else torch.float32
-        device = _decode(self.store._resolve_device, request.device)
+        device = _decode(self.store.resolve_device, request.device)
+        size = bank_bytes(request.num_features, request.dim, dtype)
+        if self.banks.find(tenant, request.name) is None:
+            self.store.check_room(tenant, size)
         bank, created = self.banks.create(
-            request.name, request.num_features, request.dim, dtype, device,
+            tenant, request.name, request.num_features, request.dim, dtype, device,
             request.seed if request.HasField("seed") else None)
         return bank_message(bank, created=created)
 
     @rpc_method
     def GetBank(self, request: pb.GetBankRequest, context: grpc.ServicerContext) -> pb.Bank:
-        return bank_message(self.banks.get(request.name))
+        return bank_message(self.banks.get(self._tenant(context), request.name))
 
     @rpc_method
     def ListBanks(self, request: pb.ListBanksRequest, context: grpc.ServicerContext
                   ) -> pb.ListBanksResponse:
-        return pb.ListBanksResponse(banks=[bank_message(b) for b in self.banks.list()])
+        banks = self.banks.list(self._tenant(context))
+        return pb.ListBanksResponse(banks=[bank_message(b) for b in banks])
 
     @rpc_method
     def DeleteBank(self, request: pb.DeleteBankRequest, context: grpc.ServicerContext
                    ) -> pb.DeleteBankResponse:
-        self.banks.delete(request.name)
+        bank = self.banks.delete(self._tenant(context), request.name)
+        if self.snapshots is not None:
+            self.snapshots.forget_bank(bank)
         return pb.DeleteBankResponse()
 
     @rpc_method
     def GetBankState(self, request: pb.GetBankRequest, context: grpc.ServicerContext
                      ) -> pb.State:
-        bank = self.banks.get(request.name)
+        bank = self.banks.get(self._tenant(context), request.name)
         with bank.lock:
             return state_message(bank.module, bank.rows_written)
 
     @rpc_method
     def SetBankState(self, request: pb.SetBankStateRequest, context: grpc.ServicerContext
                      ) -> pb.State:
-        bank = self.banks.get(request.name)
+        bank = self.banks.get(self._tenant(context), request.name)
         tensors = decode_state(request.tensors)
         with bank.lock:
             load_state(bank.module, tensors, ("bank", "bank_ptr"), f"bank {bank.name!r}")
+            bank.version += 1
             return state_message(bank.module, bank.rows_written)
+
+    # -- durability ------------------------------------------------------------------------
+
+    @rpc_method
+    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext
+                 ) -> pb.SnapshotResponse:
+        tenant = self._tenant(context)
+        if self.snapshots is None:
+            raise Unavailable("this server keeps no state directory (--state-dir is empty)")
+        sessions, banks = self.snapshots.snapshot(tenant)
+        return pb.SnapshotResponse(sessions=sessions, banks=banks)
 
 
 def session_message(session: Session, created: bool = False) -> pb.Session:
@@ -237,6 +297,14 @@ def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], names: tuple
     except RuntimeError as error:
         raise FailedPrecondition(f"state does not fit {owner}: {error}") from None
     module.load_state_dict(tensors, strict=True)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 def _decode(fn, *args):  # type: ignore[no-untyped-def]

@@ -17,7 +17,8 @@ from lossd.v1 import codec
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import tensor_pb2 as tpb
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ResourceExhausted
+from .limits import Admission
 
 if TYPE_CHECKING:
     from .sessions import Session
@@ -133,17 +134,24 @@ def _describe(value: Any) -> str:
     return f"{value!r}"
 
 
-def run_step(session: Session, inputs: StepInputs) -> tuple[Any, dict[int, Tensor | None]]:
-    """Forward and backward under the session's lock (and its shared bank's), in one state
-    transaction: the state changes only if both succeed.
+def run_step(session: Session, inputs: StepInputs, admission: Admission
+             ) -> tuple[Any, dict[int, Tensor | None]]:
+    """Forward and backward in one state transaction, once admitted, under the session's
+    lock (and its shared bank's): the state changes only if both succeed.
 
     Returns the forward result and the gradient of each tensor in `inputs.wanted`, by
     `id(tensor)` (None where the loss does not depend on it).
     """
-    with session.lock, session.bank_lock(), state_transaction(session.module):
-        result = session.module(**inputs.args)
-        grads = _gradients(result, inputs.wanted)
-    session.steps += 1
+    with admission.slot(), session.lock, session.bank_lock():
+        try:
+            with state_transaction(session.module):
+                result = session.module(**inputs.args)
+                grads = _gradients(result, inputs.wanted)
+        except torch.OutOfMemoryError:
+            raise ResourceExhausted("out of memory computing this step; nothing changed"
+                                    ) from None
+        session.steps += 1
+        session.changed()
     session.touch()
     return result, {id(t): g for t, g in zip(inputs.wanted, grads)}
 

@@ -336,3 +336,15 @@ class SetBankStateRequest(_message.Message):
     name: str
     tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
     def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotResponse(_message.Message):
+    __slots__ = ("sessions", "banks")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    sessions: int
+    banks: int
+    def __init__(self, sessions: _Optional[int] = ..., banks: _Optional[int] = ...) -> None: ...

@@ -123,6 +123,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_lossd__pb2.SetBankStateRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_lossd__pb2.State.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/lossd.v1.LossService/Snapshot',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -244,6 +249,14 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Write the caller's changed sessions and banks to the server's state
+        directory now (besides the periodic and shutdown snapshots).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -321,6 +334,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.SetBankState,
                     request_deserializer=lossd_dot_v1_dot_lossd__pb2.SetBankStateRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_lossd__pb2.State.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.SnapshotRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -742,6 +760,33 @@ class LossService:
             '/lossd.v1.LossService/SetBankState',
             lossd_dot_v1_dot_lossd__pb2.SetBankStateRequest.SerializeToString,
             lossd_dot_v1_dot_lossd__pb2.State.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/Snapshot',
+            lossd_dot_v1_dot_lossd__pb2.SnapshotRequest.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
