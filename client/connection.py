@@ -28,7 +28,7 @@ ROUTE_HEADER = "x-lossd-route"
 # name, and Compute, whose request id makes a repeat return the first answer.
 _RETRIED = {"ListLosses", "CreateSession", "GetSession", "ListSessions", "Compute",
             "GetState", "SetState", "CreateBank", "GetBank", "ListBanks", "GetBankState",
-            "SetBankState"}
+            "SetBankState", "Snapshot"}
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -309,6 +309,12 @@ class LossClient:
         request = pb.SetBankStateRequest(name=name)
         codec.encode_tensors(tensors, request.tensors)
         self.call("SetBankState", request, route=name)
+
+    def snapshot(self) -> tuple[int, int]:
+        """Write this tenant's changed sessions and banks to the server's state directory
+        now; returns how many sessions and banks were written."""
+        response = self.call("Snapshot", pb.SnapshotRequest())
+        return response.sessions, response.banks
 
     # -- steps -----------------------------------------------------------------------------
 
