@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -18,9 +19,14 @@ from torch import Tensor
 from lossd.v1 import codec, stream
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
+from lossd.v1.shared import aligned
 
 from .errors import InvalidArgumentError, from_rpc_error, from_status
+from .memory import MemoryLease
 from .streaming import ComputeStream, StepFailed
+
+log = logging.getLogger("lossd.client")
+RESULT_ROOM = 64 * 1024  # room for the loss value (and small outputs) in a shared region
 
 DEFAULT_TARGET = "localhost:50051"
 ROUTE_HEADER = "x-lossd-route"
@@ -115,6 +121,12 @@ class LossClient:
         root_certificates: PEM bytes of the CA to trust; enables TLS.
         stream: send steps over one long-lived ComputeStream per session route, large
             tensors in chunks, instead of one unary Compute each.
+        shared_memory: when the server runs on this host (with --shared-memory), pass
+            tensors through a shared-memory region per session instead of the socket;
+            falls back to the wire when the server cannot map it.
+        wire_dtype: send float32 tensors as this dtype (torch.float16 or torch.bfloat16)
+            to halve the bytes; the server computes in float32 and answers gradients in
+            the wire dtype.
         retries: how often a call that failed with UNAVAILABLE or DEADLINE_EXCEEDED is
             repeated (with exponential backoff and the same request id).
         max_message_mb: the largest message sent or accepted.
@@ -139,6 +151,8 @@ class LossClient:
         timeout: float | None = None,
         root_certificates: bytes | None = None,
         stream: bool = False,
+        shared_memory: bool = False,
+        wire_dtype: torch.dtype | None = None,
         retries: int = 5,
         max_message_mb: int = codec.DEFAULT_MAX_MESSAGE_MB,
         chunk_mb: float = stream.DEFAULT_CHUNK_BYTES / 2**20,
@@ -147,6 +161,11 @@ class LossClient:
         self.target = target or default_target()
         self.timeout = timeout
         self.stream = stream
+        self.shared_memory = shared_memory
+        if wire_dtype not in (None, torch.float16, torch.bfloat16):
+            raise InvalidArgumentError(f"Expected `wire_dtype` to be torch.float16 or "
+                                       f"torch.bfloat16, but got {wire_dtype}.")
+        self.wire_dtype = wire_dtype
         self.retries = retries
         self.chunk_bytes = int(chunk_mb * 2**20)
         limit = max_message_mb * 1024 * 1024
@@ -166,15 +185,20 @@ class LossClient:
         self._routes: dict[str, str] = {}  # session id -> routing key, where not the id
         self._streams: dict[str, ComputeStream] = {}
         self._streams_lock = threading.Lock()
+        self._leases: dict[str, MemoryLease | None] = {}  # None: the server said no
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the streams and the channel."""
+        """Close the streams, shared-memory leases and the channel."""
         with self._streams_lock:
             for s in self._streams.values():
                 s.close()
             self._streams.clear()
+            for lease in self._leases.values():
+                if lease is not None:
+                    lease.close()
+            self._leases.clear()
         self._channel.close()
 
     def __enter__(self) -> LossClient:
@@ -321,22 +345,80 @@ class LossClient:
     def step(self, request: pb.ComputeRequest, args: dict[str, Any],
              wanted: set[int]) -> StepResult:
         """Run one step: `args` are encoded into `request` (tensors whose id is in `wanted`
-        ask for gradients), sent over the stream or as one Compute, and the answer decoded
-        (`input_ref`s resolve to the objects in `args`)."""
+        ask for gradients), sent over shared memory, the stream or as one Compute, and the
+        answer decoded (`input_ref`s resolve to the objects in `args`)."""
+        sent, sent_wanted = self._on_the_wire(args, wanted, request)
+        lease = self._lease(request.session_id, sent, sent_wanted)
         chunker = codec.Chunker(self.chunk_bytes) if self.stream else None
+        sink = codec.Sinks(self._shared_sink(lease, request, sent, sent_wanted), chunker)
         try:
-            codec.encode_values(args, request.args, wants_grad=lambda t: id(t) in wanted,
-                                chunker=chunker)
+            codec.encode_values(sent, request.args, wants_grad=lambda t: id(t) in sent_wanted,
+                                sink=sink)
         except ValueError as error:
             raise InvalidArgumentError(str(error)) from None
         if chunker is None:
             response = self.call("Compute", request, session_id=request.session_id)
-            payloads: Iterator[bytearray] | None = None
+            chunks: Iterator[bytearray] | None = None
         else:
-            response, payloads = self._stream_step(request, chunker)
-        result = codec.decode_value(response.result, "result", inputs=args, chunks=payloads)
-        grads = codec.decode_values(response.grads, chunks=payloads)
+            response, chunks = self._stream_step(request, chunker)
+        regions = {lease.region.name: lease.region} if lease and lease.region else None
+        source = codec.Payloads(chunks, regions)
+        result = codec.decode_value(response.result, "result", inputs=args, source=source)
+        grads = codec.decode_values(response.grads, source=source)
+        if regions:  # the region is reused by the next step: own what came through it
+            result, grads = _owned_tree(result, args), _owned_tree(grads, args)
         return StepResult(result, grads, response.steps)
+
+    def _on_the_wire(self, args: dict[str, Any], wanted: set[int], request: pb.ComputeRequest
+                     ) -> tuple[dict[str, Any], set[int]]:
+        """The arguments as sent: float32 tensors cast to the wire dtype, if one is set
+        (then the server is told to compute in float32). Returns them and the ids of the
+        sent tensors that want gradients."""
+        if self.wire_dtype is None:
+            return args, wanted
+        sent_wanted: set[int] = set()
+
+        def cast(t: Tensor) -> Tensor:
+            out = t.detach().to(self.wire_dtype) if t.dtype == torch.float32 else t
+            if id(t) in wanted:
+                sent_wanted.add(id(out))
+            return out
+
+        request.compute_dtype = codec.wire_dtype(torch.float32)  # type: ignore[assignment]
+        return {k: _map_tensors(cast, v) for k, v in args.items()}, sent_wanted
+
+    def _lease(self, session_id: str, args: dict[str, Any], wanted: set[int]
+               ) -> MemoryLease | None:
+        """The session's shared-memory lease, large enough for this step (None: wire)."""
+        if not self.shared_memory:
+            return None
+        inputs, outputs = _shared_sizes(args, wanted)
+        lease = self._leases.get(session_id, ...)
+        try:
+            if lease is ...:
+                route = self._routes.get(session_id, session_id)
+                lease = MemoryLease(self._stub, self._call_metadata(route), session_id,
+                                    inputs + outputs)
+                self._leases[session_id] = lease
+            elif lease is not None:
+                lease.ensure(inputs + outputs)
+        except (grpc.RpcError, OSError) as error:
+            log.warning("shared memory unavailable for session %s (%s); using the wire",
+                        session_id, getattr(error, "details", lambda: error)())
+            self._leases[session_id] = lease = None
+        return lease
+
+    @staticmethod
+    def _shared_sink(lease: MemoryLease | None, request: pb.ComputeRequest,
+                     args: dict[str, Any], wanted: set[int]) -> codec.TensorSink | None:
+        """Inputs go to the start of the region; the server may answer after them."""
+        if lease is None or lease.region is None:
+            return None
+        inputs, _ = _shared_sizes(args, wanted)
+        request.shared_region = lease.region.name
+        request.shared_output_offset = inputs
+        request.shared_output_capacity = lease.region.size - inputs
+        return lease.region.writer(0, inputs)
 
     def _stream_step(self, request: pb.ComputeRequest, chunker: codec.Chunker
                      ) -> tuple[pb.ComputeResponse, Iterator[bytearray]]:
@@ -404,6 +486,34 @@ def _retryable(error: grpc.RpcError) -> bool:
 def _backoff(attempt: int) -> None:
     """Exponential backoff with jitter: about 0.1, 0.2, 0.4 ... s, at most 2 s."""
     time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random() / 2))
+
+
+def _map_tensors(fn: Any, tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(fn, v) for v in tree)
+    return tree
+
+
+def _owned_tree(tree: Any, args: dict[str, Any]) -> Any:
+    """Copies of decoded tensors (not of the caller's own, returned as input refs)."""
+    mine = {id(t) for v in args.values() for t in _tensors_in(v)}
+    return _map_tensors(lambda t: t if id(t) in mine else t.clone(), tree)
+
+
+def _tensors_in(tree: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    _map_tensors(found.append, tree)
+    return found
+
+
+def _shared_sizes(args: dict[str, Any], wanted: set[int]) -> tuple[int, int]:
+    """Bytes the inputs take in a region, and the room the answer needs after them."""
+    tensors = [t for v in args.values() for t in _tensors_in(v)]
+    inputs = sum(aligned(t.numel() * t.element_size()) for t in tensors)
+    grads = sum(aligned(t.numel() * t.element_size()) for t in tensors if id(t) in wanted)
+    return inputs, grads + RESULT_ROOM
 
 
 def _owned(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, load_tokens
+from .calls import SafeRequests
 from .compute import Computer
 from .config import ServerConfig, resolve_device
 from .limits import Admission
@@ -94,12 +95,13 @@ def create_server(config: ServerConfig,
     metrics = _metrics(store, admission)
     auth = Authenticator(load_tokens(config.auth_tokens_file))
     servicer = LossServicer(store, Computer(admission, config.global_batch_timeout_s), auth,
-                            metrics, snapshots)
+                            metrics, snapshots, config.shared_memory_dir,
+                            max_region_bytes=2 * config.max_message_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="lossd-rpc"),
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes)],
-        interceptors=interceptors)
+        interceptors=[SafeRequests(), *interceptors])
     pb_grpc.add_LossServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .errors import status_of
+from .errors import InvalidArgument, status_of
 
 log = logging.getLogger("lossd.server")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -36,6 +36,8 @@ def rpc_method(method: Handler) -> Handler:
         _current.loss, _current.tenant = "", ""
         start = time.perf_counter()
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(f"malformed request: {request.error}")
             response = method(self, request, context)
         except Exception as error:  # noqa: BLE001 - this is the one exit for all errors
             code, message = status_of(error)
@@ -57,7 +59,7 @@ def rpc_stream(method: Handler) -> Handler:
                 ) -> Iterator[Any]:
         _current.loss, _current.tenant = "", ""
         try:
-            yield from method(self, request_iterator, context)
+            yield from method(self, _checked(request_iterator), context)
             return
         except grpc.RpcError:
             log.debug("stream %s ended by the client", method.__name__)
@@ -68,6 +70,13 @@ def rpc_stream(method: Handler) -> Handler:
         context.abort(code, message)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _checked(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, Malformed):
+            raise InvalidArgument(f"malformed message: {request.error}")
+        yield request
 
 
 def observe_step(servicer: Any, code: grpc.StatusCode, seconds: float, bytes_in: int,
@@ -102,3 +111,45 @@ def _observe(servicer: Any, method: str, code: grpc.StatusCode, start: float, re
     bytes_out = response.ByteSize() if response is not None else 0
     metrics.observe(method, getattr(_current, "loss", ""), code.name,
                     time.perf_counter() - start, request.ByteSize(), bytes_out)
+
+
+class Malformed:
+    """What a request that could not be parsed becomes (instead of an INTERNAL error in
+    gRPC's own deserialization); `rpc_method` answers it with INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def ByteSize(self) -> int:  # noqa: N802 - mimics a message for the metrics
+        return 0
+
+
+class SafeRequests(grpc.ServerInterceptor):
+    """Parses requests without letting a malformed one (say, nested past protobuf's
+    recursion limit) escape as INTERNAL: it reaches the servicer as a Malformed."""
+
+    def intercept_service(self, continuation: Callable[..., Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = _safe(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                handler.unary_unary, request_deserializer=parse,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                handler.stream_stream, request_deserializer=parse,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def safe_parse(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as error:  # noqa: BLE001 - any parse failure is the client's
+            return Malformed(error)
+
+    return safe_parse

@@ -25,9 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"port to listen on (default: {DEFAULT_PORT})")
     net.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
                      help="largest request or reply in MiB (default: %(default)s)")
-    net.add_argument("--workers", type=int, default=16,
-                     help="RPC worker threads; steps of different sessions run in parallel, "
-                          "waiting ranks of global batches hold one each (default: %(default)s)")
+    net.add_argument("--workers", type=int, default=64,
+                     help="RPC worker threads; every open stream (ComputeStream, a "
+                          "shared-memory lease) and every rank waiting for a global batch "
+                          "holds one; --max-concurrent-steps bounds the computing ones "
+                          "(default: %(default)s)")
     net.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     net.add_argument("--auth-tokens", metavar="FILE",
@@ -41,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compute.add_argument("--device", default="auto",
                          help="auto (first CUDA device if any, else CPU), cpu, cuda or cuda:N "
                               "(default: auto); sessions may ask for another")
+    compute.add_argument("--shared-memory", action="store_true",
+                         help="let clients on this host pass tensors through shared memory "
+                              "(LossClient(shared_memory=True)); off by default")
+    compute.add_argument("--shared-memory-dir", default="/dev/shm", metavar="DIR",
+                         help="where clients' shared-memory regions live (default: %(default)s)")
     compute.add_argument("--global-batch-timeout", type=float, default=120.0, metavar="SECONDS",
                          help="how long the ranks of a global-batch step wait for each other "
                               "before the step fails with ABORTED (default: %(default)s)")
@@ -89,6 +96,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         snapshot_interval_s=args.snapshot_interval, shutdown_grace_s=args.shutdown_grace,
         auth_tokens_file=args.auth_tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
         metrics_port=args.metrics_port,
+        shared_memory_dir=args.shared_memory_dir if args.shared_memory else None,
         limits=Limits(
             max_sessions_per_tenant=args.max_sessions_per_tenant,
             max_session_state_bytes=args.max_session_state_mb * MIB,

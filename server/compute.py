@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
+from lossd.v1 import codec
 from lossd.v1 import lossd_pb2 as pb
+from lossd.v1 import tensor_pb2 as tpb
 
 from . import steps
 from .global_batch import merge_shards
+from .errors import InvalidArgument
 from .limits import Admission
 from .sessions import Session
 from .steps import StepInputs, StepReply
@@ -30,13 +34,21 @@ class Computer:
 
     def compute(self, session: Session, request: pb.ComputeRequest,
                 chunks: Iterator[bytearray] | None = None) -> StepReply:
-        """The reply to one request; a retried request id gets the first reply."""
+        """The reply to one request; a retried request id gets the first reply.
+
+        `chunks` are the assembled chunks of a streamed request; tensors in shared memory
+        are read from the session's regions.
+        """
         return session.replies.run(request.request_id,
                                    lambda: self._compute(session, request, chunks))
 
     def _compute(self, session: Session, request: pb.ComputeRequest,
                  chunks: Iterator[bytearray] | None) -> StepReply:
-        inputs = steps.decode_inputs(session.spec, request.args, session.device, chunks)
+        source = codec.Payloads(chunks, session.regions)
+        compute_dtype = (None if request.compute_dtype == tpb.DTYPE_UNSPECIFIED
+                         else _decode_dtype(request.compute_dtype))
+        inputs = steps.decode_inputs(session.spec, request.args, session.device, source,
+                                     compute_dtype)
         if not request.HasField("global_batch") or request.global_batch.world_size <= 1:
             result, grads = steps.run_step(session, inputs, self.admission)
             return steps.build_reply(inputs, result, grads, session.steps)
@@ -62,3 +74,13 @@ class Computer:
                 own[id(t)] = grad
             replies.append(StepReply(tree, steps.grad_trees(shard, own), session.steps))
         return replies
+
+
+def _decode_dtype(value: int) -> torch.dtype:
+    try:
+        dtype = codec.torch_dtype(value)
+    except ValueError:
+        raise InvalidArgument(f"Expected `compute_dtype` to be a dtype, but got {value}.") from None
+    if not dtype.is_floating_point:
+        raise InvalidArgument(f"Expected `compute_dtype` to be floating, but got {dtype}.")
+    return dtype

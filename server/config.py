@@ -20,14 +20,15 @@ class ServerConfig:
     """Everything `create_server` needs. Port 0 binds a free port (tests).
 
     `state_dir` "" keeps no durable state; `metrics_port` None serves no metrics;
-    `auth_tokens_file` None takes tokens from $LOSSD_AUTH_TOKENS, if set (else no auth).
+    `auth_tokens_file` None takes tokens from $LOSSD_AUTH_TOKENS, if set (else no auth);
+    `shared_memory_dir` None takes no shared-memory regions from clients.
     """
 
     host: str = "localhost"
     port: int = DEFAULT_PORT
     device: str = "auto"
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
-    workers: int = 16
+    workers: int = 64
     session_ttl_s: float = 24 * 3600.0
     global_batch_timeout_s: float = 120.0
     state_dir: str = ""
@@ -37,6 +38,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
+    shared_memory_dir: str | None = None
     limits: Limits = field(default_factory=Limits)
 
     @property

@@ -14,6 +14,7 @@ from lossd.v1 import codec, stream
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 from lossd.v1 import tensor_pb2 as tpb
+from lossd.v1.shared import SharedRegion
 
 from .auth import Authenticator
 from .banks import SharedBank, bank_bytes
@@ -35,8 +36,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def __init__(self, store: SessionStore, computer: Computer, auth: Authenticator,
                  metrics: Metrics | None = None, snapshots: Snapshotter | None = None,
+                 shared_memory_dir: str | None = None, max_region_bytes: int = 2**31,
                  chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES) -> None:
         self.store = store
+        self.shared_memory_dir = shared_memory_dir
+        self.max_region_bytes = max_region_bytes
+        store.on_remove.append(lambda session: [release_region(session, name)
+                                                for name in list(session.regions)])
         self.banks = store.banks
         self.computer = computer
         self.auth = auth
@@ -100,7 +106,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext
                 ) -> pb.ComputeResponse:
         session = self._session(context, request.session_id)
-        return self.computer.compute(session, request).encode()
+        return self.computer.compute(session, request).encode(_output_sink(session, request))
 
     @rpc_stream
     def ComputeStream(self, request_iterator: Iterator[pb.StreamMessage],
@@ -146,7 +152,31 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 request_id=request.request_id, code=code.value[0], message=message))
             return
         chunker = codec.Chunker(self.chunk_bytes)
-        yield from stream.frames(pb.StreamMessage(response=reply.encode(chunker)), chunker)
+        response = reply.encode(codec.Sinks(_output_sink(session, request), chunker))
+        yield from stream.frames(pb.StreamMessage(response=response), chunker)
+
+    @rpc_stream
+    def AttachMemory(self, request_iterator: Iterator[pb.MemoryLease],
+                     context: grpc.ServicerContext) -> Iterator[pb.MemoryLease]:
+        if self.shared_memory_dir is None:
+            raise FailedPrecondition("this server takes no shared memory; start it with "
+                                     "--shared-memory")
+        tenant = self._tenant(context)
+        lent: dict[str, tuple[Session, str]] = {}  # session id -> its region from this stream
+        try:
+            for lease in request_iterator:
+                session = self.store.get(tenant, lease.session_id)
+                region = _open_region(lease, self.shared_memory_dir, self.max_region_bytes)
+                with session.lock:
+                    session.regions[region.name] = region
+                previous = lent.get(session.session_id)
+                lent[session.session_id] = (session, region.name)
+                if previous is not None:  # a larger region replaces this stream's last one
+                    release_region(*previous)
+                yield lease
+        finally:
+            for session, name in lent.values():
+                release_region(session, name)
 
     # -- session state ---------------------------------------------------------------------
 
@@ -230,6 +260,32 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise Unavailable("this server keeps no state directory (--state-dir is empty)")
         sessions, banks = self.snapshots.snapshot(tenant)
         return pb.SnapshotResponse(sessions=sessions, banks=banks)
+
+
+def _output_sink(session: Session, request: pb.ComputeRequest) -> codec.TensorSink | None:
+    """Where the reply's tensors go in the caller's shared-memory region, if it lent one."""
+    region = session.regions.get(request.shared_region) if request.shared_region else None
+    if region is None:
+        return None
+    return region.writer(request.shared_output_offset, request.shared_output_capacity)
+
+
+def _open_region(lease: pb.MemoryLease, directory: str, max_bytes: int) -> SharedRegion:
+    try:
+        return SharedRegion.open(lease.path, lease.size, directory, max_bytes)
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from None
+    except OSError as error:  # e.g. the client is on another host
+        raise FailedPrecondition(f"cannot map {lease.path!r} ({error.strerror}); shared memory "
+                                 "works only when client and server share a host") from None
+
+
+def release_region(session: Session, name: str) -> None:
+    """Let go of one of the session's shared-memory regions."""
+    with session.lock:
+        region = session.regions.pop(name, None)
+    if region is not None:
+        region.close()
 
 
 def session_message(session: Session, created: bool = False) -> pb.Session:

@@ -16,6 +16,7 @@ from torch import nn
 
 from lossd.losses import MemoryBankModule, registry
 from lossd.losses.memory_bank import parse_bank_size
+from lossd.v1.shared import SharedRegion
 
 from .banks import BankStore, SharedBank
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -53,6 +54,8 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     replies: ReplyCache = field(default_factory=ReplyCache, repr=False)
     global_steps: GlobalSteps = field(default_factory=GlobalSteps, repr=False)
+    # shared-memory regions lent by clients on this host, by name (see AttachMemory)
+    regions: dict[str, SharedRegion] = field(default_factory=dict, repr=False)
 
     def bank_lock(self) -> AbstractContextManager[object]:
         """The shared bank's lock (a no-op without one); take it after `lock`."""

@@ -4,7 +4,7 @@ session's loss in one state transaction, encode the loss and the gradients."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,20 +28,23 @@ if TYPE_CHECKING:
 class StepInputs:
     """The decoded forward arguments of a step, on the session's device.
 
-    `wanted` holds the tensors whose gradient the caller asked for (requires_grad set).
+    `wanted` holds the tensors whose gradient the caller asked for (requires_grad set);
+    `wire_dtypes` the dtype each tensor came in, where it was cast to compute in another.
     """
 
     args: dict[str, Any]
     wanted: list[Tensor] = field(default_factory=list)
+    wire_dtypes: dict[int, torch.dtype] = field(default_factory=dict)
 
 
 def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: torch.device,
-                  chunks: Iterator[bytearray] | None = None) -> StepInputs:
+                  source: codec.TensorSource | None = None,
+                  compute_dtype: torch.dtype | None = None) -> StepInputs:
     """Decode and check every argument against the registry before any state is touched.
 
     Checks: argument names, kinds and dtypes, byte lengths (in the codec) and that floats
-    are finite. `chunks` holds the bytes of chunked tensors (streams). Raises
-    InvalidArgument naming the argument.
+    are finite. `source` holds the bytes of chunked or shared tensors. Floating tensors are
+    cast to `compute_dtype` if given. Raises InvalidArgument naming the argument.
     """
     names = [a.name for a in spec.args]
     unknown = sorted(set(messages) - set(names))
@@ -54,10 +57,10 @@ def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: tor
             if spec.arg_default(arg.name) is inspect.Parameter.empty:
                 raise InvalidArgument(f"Expected `{arg.name}` ({arg.kind.value}), but it is missing.")
             continue
-        hook = _TensorHook(arg, device, inputs.wanted)
+        hook = _TensorHook(arg, device, compute_dtype, inputs)
         try:
             value = codec.decode_value(messages[arg.name], arg.name, tensor_hook=hook,
-                                       chunks=chunks)
+                                       source=source)
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
         _check_kind(arg, value, spec.arg_default(arg.name))
@@ -67,11 +70,13 @@ def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: tor
 
 @dataclass
 class _TensorHook:
-    """Checks each decoded tensor of one argument and moves it to the device."""
+    """Checks each decoded tensor of one argument and moves it to the device (and to the
+    compute dtype)."""
 
     arg: Arg
     device: torch.device
-    wanted: list[Tensor]
+    compute_dtype: torch.dtype | None
+    inputs: StepInputs
 
     def __call__(self, t: Tensor, msg: tpb.Tensor, path: str) -> Tensor:
         if self.arg.dtype is DType.FLOAT and not t.is_floating_point():
@@ -84,11 +89,18 @@ class _TensorHook:
                                   "NaN or Inf.")
         if msg.requires_grad and not t.is_floating_point():
             raise InvalidArgument(f"`{path}` asks for a gradient but is {t.dtype}.")
-        t = t.to(self.device, non_blocking=True)
+        cast = self.compute_dtype if t.is_floating_point() else None
+        t = t.to(self.device, dtype=cast, non_blocking=True)
+        if cast is not None and cast != _wire(msg):
+            self.inputs.wire_dtypes[id(t)] = _wire(msg)
         if msg.requires_grad:
             t.requires_grad_(True)
-            self.wanted.append(t)
+            self.inputs.wanted.append(t)
         return t
+
+
+def _wire(msg: tpb.Tensor) -> torch.dtype:
+    return codec.torch_dtype(msg.dtype)
 
 
 def _check_kind(arg: Arg, value: Any, default: Any) -> None:
@@ -172,11 +184,12 @@ class StepReply:
     grads: dict[str, Any]
     steps: int
 
-    def encode(self, chunker: codec.Chunker | None = None) -> pb.ComputeResponse:
-        """The ComputeResponse; with a chunker, large tensors go to Chunk messages."""
+    def encode(self, sink: codec.TensorSink | None = None) -> pb.ComputeResponse:
+        """The ComputeResponse; a sink may take large tensors out of it (chunks, shared
+        memory)."""
         response = pb.ComputeResponse(steps=self.steps)
-        codec.encode_value(self.result, chunker=chunker, out=response.result)
-        codec.encode_values(self.grads, response.grads, chunker=chunker)
+        codec.encode_value(self.result, sink=sink, out=response.result)
+        codec.encode_values(self.grads, response.grads, sink=sink)
         return response
 
 
@@ -195,7 +208,11 @@ def result_tree(inputs: StepInputs, result: Any) -> Any:
 
 
 def grad_trees(inputs: StepInputs, grads: Mapping[int, Tensor | None]) -> dict[str, Any]:
-    """Per argument that asked for any gradient: its gradients, shaped like it."""
+    """Per argument that asked for any gradient: its gradients, shaped like it (and in
+    the dtype its tensors came in)."""
+    if inputs.wire_dtypes:
+        grads = {tid: g if g is None or tid not in inputs.wire_dtypes
+                 else g.to(inputs.wire_dtypes[tid]) for tid, g in grads.items()}
     trees = {}
     for name, value in inputs.args.items():
         tree = _grad_tree(value, grads)

@@ -32,8 +32,9 @@ def start_server(interceptors: Sequence[grpc.ServerInterceptor] = (),
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[LossdServer]:
-    """One server for the whole session (tests use their own sessions on it)."""
-    srv = start_server()
+    """One server for the whole session (tests use their own sessions on it); it takes
+    shared memory from clients on this host."""
+    srv = start_server(shared_memory_dir="/dev/shm")
     yield srv
     srv.stop(grace=1.0)
 

@@ -43,11 +43,13 @@ def test_every_loss_has_a_case() -> None:
     assert {c["loss"] for c in CASES} == set(registry.LOSSES)
 
 
-@pytest.fixture(params=["unary", "stream"])
+@pytest.fixture(params=["unary", "stream", "shared-memory"])
 def any_client(request: pytest.FixtureRequest, target: str) -> Iterator[LossClient]:
-    """A unary client, and a streaming one whose tiny chunks split every tensor."""
-    streaming = request.param == "stream"
-    with LossClient(target, timeout=60, stream=streaming, chunk_mb=100 / 2**20) as client:
+    """A unary client, a streaming one whose tiny chunks split every tensor, and one that
+    passes tensors through shared memory."""
+    with LossClient(target, timeout=60, stream=request.param == "stream",
+                    chunk_mb=100 / 2**20, shared_memory=request.param == "shared-memory"
+                    ) as client:
         yield client
 
 

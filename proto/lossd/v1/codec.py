@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -62,29 +62,46 @@ def torch_dtype(value: int) -> torch.dtype:
 
 def tensor_bytes(t: Tensor) -> bytes:
     """The raw bytes of t (C order), copied to the host once."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return flat_bytes(t).numpy().tobytes() if t.numel() else b""
+
+
+class TensorSink(Protocol):
+    """Where encoding may put a tensor's bytes instead of the message (chunks, shared
+    memory). `take` stores them and marks the message, or returns False to inline them."""
+
+    def take(self, t: Tensor, msg: pb.Tensor) -> bool: ...
+
+
+class TensorSource(Protocol):
+    """Where decoding finds the bytes of tensors marked `chunked` or `shared`."""
+
+    def bytes_of(self, msg: pb.Tensor, nbytes: int, name: str) -> bytes | bytearray | Tensor: ...
+
+
+class Sinks:
+    """A TensorSink trying several in turn (e.g. shared memory, then chunks)."""
+
+    def __init__(self, *sinks: TensorSink | None) -> None:
+        self.sinks = [sink for sink in sinks if sink is not None]
+
+    def take(self, t: Tensor, msg: pb.Tensor) -> bool:
+        return any(sink.take(t, msg) for sink in self.sinks)
 
 
 class Chunker:
-    """Collects tensors too large for one message while encoding; `chunks()` then yields
-    their bytes as Chunk messages (ComputeStream). Each chunk's bytes are read straight
-    from the tensor, without an intermediate copy of the whole tensor."""
+    """A TensorSink for ComputeStream: tensors larger than a chunk are kept, and `chunks()`
+    then yields their bytes as Chunk messages, read straight from each tensor without an
+    intermediate copy of the whole tensor."""
 
     def __init__(self, chunk_bytes: int) -> None:
         self.chunk_bytes = chunk_bytes
         self.tensors: list[Tensor] = []
 
-    def take(self, t: Tensor) -> bool:
-        """Keep t for chunks if it is larger than one chunk; True if kept."""
+    def take(self, t: Tensor, msg: pb.Tensor) -> bool:
         if t.numel() * t.element_size() <= self.chunk_bytes:
             return False
-        self.tensors.append(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+        self.tensors.append(flat_bytes(t))
+        msg.chunked = True
         return True
 
     def chunks(self) -> Iterator[lpb.Chunk]:
@@ -95,16 +112,42 @@ class Chunker:
                 yield lpb.Chunk(tensor=index, offset=offset, data=piece)
 
 
+@dataclass
+class Payloads:
+    """A TensorSource: assembled chunks (in order) and/or shared-memory regions by name."""
+
+    chunks: Iterator[bytearray] | None = None
+    regions: Mapping[str, Any] | None = None
+
+    def bytes_of(self, msg: pb.Tensor, nbytes: int, name: str) -> bytes | bytearray | Tensor:
+        if msg.HasField("shared"):
+            region = (self.regions or {}).get(msg.shared.region)
+            if region is None:
+                raise ValueError(f"`{name}`: in shared-memory region {msg.shared.region!r}, "
+                                 "which this session has not attached")
+            return region.bytes_of(msg, nbytes, name)
+        payload = next(self.chunks, None) if self.chunks is not None else None
+        if payload is None:
+            raise ValueError(f"`{name}`: marked chunked, but no chunks came with it")
+        return payload
+
+
+def flat_bytes(t: Tensor) -> Tensor:
+    """t's bytes as a flat uint8 CPU tensor (a view when t is contiguous on the CPU)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def encode_tensor(t: Tensor, *, requires_grad: bool = False, out: pb.Tensor | None = None,
-                  chunker: Chunker | None = None) -> pb.Tensor:
-    """A Tensor message holding t's dtype, shape and bytes (or marked `chunked`)."""
+                  sink: TensorSink | None = None) -> pb.Tensor:
+    """A Tensor message holding t's dtype, shape and bytes (or pointing to them)."""
     msg = pb.Tensor() if out is None else out
     msg.dtype = wire_dtype(t.dtype)  # type: ignore[assignment]
     msg.shape[:] = t.shape
     msg.requires_grad = requires_grad
-    if chunker is not None and chunker.take(t):
-        msg.chunked = True
-    else:
+    if sink is None or not sink.take(t, msg):
         msg.data = tensor_bytes(t)
     return msg
 
@@ -118,30 +161,30 @@ def tensor_nbytes(msg: pb.Tensor) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def decode_tensor(msg: pb.Tensor, name: str, chunks: Iterator[bytearray] | None = None
-                  ) -> Tensor:
+def decode_tensor(msg: pb.Tensor, name: str, source: TensorSource | None = None) -> Tensor:
     """A CPU tensor over the message's bytes (no copy where the bytes allow it).
 
-    A `chunked` tensor takes its bytes from `chunks` (the assembled payloads, in order).
-    The result is read-only in spirit: nothing in lossd writes into decoded inputs.
-    Raises ValueError naming `name` when dtype, shape or byte length are wrong.
+    Tensors marked `chunked` or `shared` take their bytes from `source`. The result is
+    read-only in spirit: nothing in lossd writes into decoded inputs. Raises ValueError
+    naming `name` when dtype, shape or byte length are wrong.
     """
     try:
         expected = tensor_nbytes(msg)
     except ValueError as error:
         raise ValueError(f"`{name}`: {error}") from None
     dtype, shape = _FROM_WIRE[msg.dtype], tuple(msg.shape)
-    data: bytes | bytearray = msg.data
-    if msg.chunked:
-        payload = next(chunks, None) if chunks is not None else None
-        if payload is None:
-            raise ValueError(f"`{name}`: marked chunked, but no chunks came with it")
-        data = payload
+    data: bytes | bytearray | Tensor = msg.data
+    if msg.chunked or msg.HasField("shared"):
+        if source is None:
+            raise ValueError(f"`{name}`: its bytes are elsewhere, but nothing came with it")
+        data = source.bytes_of(msg, expected, name)
     if len(data) != expected:
         raise ValueError(f"`{name}`: shape {shape} of {dtype} needs {expected} bytes, "
                          f"got {len(data)}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
+    if isinstance(data, Tensor):  # uint8 bytes of a shared region, suitably aligned
+        return data.view(dtype).reshape(shape)
     with warnings.catch_warnings():
         # frombuffer warns that bytes are immutable; lossd never writes into inputs.
         warnings.simplefilter("ignore", UserWarning)
@@ -156,24 +199,24 @@ class InputRef:
 
 
 def encode_value(value: Any, *, wants_grad: Callable[[Tensor], bool] | None = None,
-                 chunker: Chunker | None = None, out: pb.Value | None = None) -> pb.Value:
+                 sink: TensorSink | None = None, out: pb.Value | None = None) -> pb.Value:
     """A Value message for a Python value (tensor, list, tuple, number, flag, str, None,
     InputRef).
 
-    `wants_grad(t)` sets each tensor's requires_grad flag (default: False). With a
-    `chunker`, large tensors are marked `chunked` and kept for Chunk messages.
+    `wants_grad(t)` sets each tensor's requires_grad flag (default: False). A `sink`
+    (a Chunker, a shared-memory region) may take tensors' bytes out of the message.
     """
     msg = pb.Value() if out is None else out
     if isinstance(value, Tensor):
         encode_tensor(value, requires_grad=bool(wants_grad and wants_grad(value)), out=msg.tensor,
-                      chunker=chunker)
+                      sink=sink)
     elif isinstance(value, InputRef):
         msg.input_ref = value.name
     elif isinstance(value, (list, tuple)):
         items = msg.list if isinstance(value, list) else msg.tuple
         items.SetInParent()  # an empty list is still a list
         for item in value:
-            encode_value(item, wants_grad=wants_grad, chunker=chunker, out=items.items.add())
+            encode_value(item, wants_grad=wants_grad, sink=sink, out=items.items.add())
     elif isinstance(value, bool):
         msg.flag = value
     elif isinstance(value, int):
@@ -194,23 +237,23 @@ TensorHook = Callable[[Tensor, pb.Tensor, str], Tensor]
 
 
 def decode_value(msg: pb.Value, name: str, *, inputs: Mapping[str, Any] | None = None,
-                 tensor_hook: TensorHook | None = None,
-                 chunks: Iterator[bytearray] | None = None, _depth: int = 0) -> Any:
+                 tensor_hook: TensorHook | None = None, source: TensorSource | None = None,
+                 _depth: int = 0) -> Any:
     """The Python value of a Value message; `name` is its path, for error messages.
 
     `inputs` resolves `input_ref` values (results that are forward arguments);
     `tensor_hook(tensor, message, path)` may check or transform each decoded tensor;
-    `chunks` supplies the bytes of `chunked` tensors, in order.
+    `source` supplies the bytes of tensors marked `chunked` or `shared`.
     """
     if _depth > MAX_DEPTH:
         raise ValueError(f"`{name}`: nested deeper than {MAX_DEPTH} levels")
     kind = msg.WhichOneof("kind")
     if kind == "tensor":
-        t = decode_tensor(msg.tensor, name, chunks)
+        t = decode_tensor(msg.tensor, name, source)
         return t if tensor_hook is None else tensor_hook(t, msg.tensor, name)
     if kind in ("list", "tuple"):
         items = [decode_value(item, f"{name}[{i}]", inputs=inputs, tensor_hook=tensor_hook,
-                              chunks=chunks, _depth=_depth + 1)
+                              source=source, _depth=_depth + 1)
                  for i, item in enumerate(getattr(msg, kind).items)]
         return items if kind == "list" else tuple(items)
     if kind in ("number", "integer", "flag", "text"):

@@ -143,7 +143,7 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "args", "global_batch")
+    __slots__ = ("session_id", "request_id", "args", "global_batch", "compute_dtype", "shared_region", "shared_output_offset", "shared_output_capacity")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,11 +155,19 @@ class ComputeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_REGION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHARED_OUTPUT_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: str
     args: _containers.MessageMap[str, _tensor_pb2.Value]
     global_batch: GlobalBatch
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., global_batch: _Optional[_Union[GlobalBatch, _Mapping]] = ...) -> None: ...
+    compute_dtype: _tensor_pb2.DType
+    shared_region: str
+    shared_output_offset: int
+    shared_output_capacity: int
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., global_batch: _Optional[_Union[GlobalBatch, _Mapping]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shared_region: _Optional[str] = ..., shared_output_offset: _Optional[int] = ..., shared_output_capacity: _Optional[int] = ...) -> None: ...
 
 class GlobalBatch(_message.Message):
     __slots__ = ("world_size", "rank", "step")
@@ -348,3 +356,13 @@ class SnapshotResponse(_message.Message):
     sessions: int
     banks: int
     def __init__(self, sessions: _Optional[int] = ..., banks: _Optional[int] = ...) -> None: ...
+
+class MemoryLease(_message.Message):
+    __slots__ = ("session_id", "path", "size")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    path: str
+    size: int
+    def __init__(self, session_id: _Optional[str] = ..., path: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...

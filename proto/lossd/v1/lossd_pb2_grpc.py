@@ -128,6 +128,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_lossd__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_lossd__pb2.SnapshotResponse.FromString,
                 _registered_method=True)
+        self.AttachMemory = channel.stream_stream(
+                '/lossd.v1.LossService/AttachMemory',
+                request_serializer=lossd_dot_v1_dot_lossd__pb2.MemoryLease.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_lossd__pb2.MemoryLease.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -257,6 +262,17 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachMemory(self, request_iterator, context):
+        """Same-host fast path: lend a session a shared-memory region (a file under
+        /dev/shm that the client created) in which tensors travel instead of in
+        messages. The region stays attached while this stream is open: when the
+        client closes it, disconnects or dies, the server lets go of the region.
+        Needs `lossd serve --shared-memory`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +355,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=lossd_dot_v1_dot_lossd__pb2.SnapshotRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_lossd__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'AttachMemory': grpc.stream_stream_rpc_method_handler(
+                    servicer.AttachMemory,
+                    request_deserializer=lossd_dot_v1_dot_lossd__pb2.MemoryLease.FromString,
+                    response_serializer=lossd_dot_v1_dot_lossd__pb2.MemoryLease.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -787,6 +808,33 @@ class LossService:
             '/lossd.v1.LossService/Snapshot',
             lossd_dot_v1_dot_lossd__pb2.SnapshotRequest.SerializeToString,
             lossd_dot_v1_dot_lossd__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachMemory(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lossd.v1.LossService/AttachMemory',
+            lossd_dot_v1_dot_lossd__pb2.MemoryLease.SerializeToString,
+            lossd_dot_v1_dot_lossd__pb2.MemoryLease.FromString,
             options,
             channel_credentials,
             insecure,

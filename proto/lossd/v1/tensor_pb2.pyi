@@ -29,18 +29,28 @@ BOOL: DType
 UINT8: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "requires_grad", "chunked")
+    __slots__ = ("dtype", "shape", "data", "requires_grad", "chunked", "shared")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
     CHUNKED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     requires_grad: bool
     chunked: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., requires_grad: _Optional[bool] = ..., chunked: _Optional[bool] = ...) -> None: ...
+    shared: SharedSlice
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., requires_grad: _Optional[bool] = ..., chunked: _Optional[bool] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ...) -> None: ...
+
+class SharedSlice(_message.Message):
+    __slots__ = ("region", "offset")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("tensor", "list", "tuple", "number", "integer", "flag", "text", "none", "input_ref")
