@@ -1,4 +1,5 @@
-"""The `lossd` command: `lossd serve` (the server) and later client-side tools."""
+"""The `lossd` command: `lossd serve` (the server) and `lossd bench` (a client-side
+benchmark)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; each one's module adds its own flags."""
+    from lossd.client import bench
     from lossd.server import cli as serve_cli
 
     parser = argparse.ArgumentParser(prog="lossd", description=__doc__)
@@ -16,6 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Serve lossd.v1.LossService over gRPC.")
     serve_cli.add_arguments(serve)
     serve.set_defaults(run=serve_cli.run)
+    timing = commands.add_parser("bench", help="time remote steps against in-process ones",
+                                 description=bench.__doc__)
+    bench.add_arguments(timing)
+    timing.set_defaults(run=bench.run)
     return parser
 
 
