@@ -224,16 +224,18 @@ class LossClient:
                        seed: int | None = None, device: str | None = None,
                        shared_bank: str | None = None,
                        shared_bank_dtype: torch.dtype | None = None,
-                       **config: Any) -> SessionInfo:
+                       attach_only: bool = False, **config: Any) -> SessionInfo:
         """Create a session of `loss` with constructor `config`, or attach to `session_id`.
 
         Without `session_id` the client picks a fresh one, so that even the creating call
         can be routed by it. With `shared_bank`, the session uses that bank (created with
-        `create_bank`) and its calls are routed by the bank's name.
+        `create_bank`) and its calls are routed by the bank's name. With `attach_only`,
+        SessionNotFoundError instead of a new session when `session_id` does not exist.
         """
         session_id = session_id or uuid.uuid4().hex
         request = pb.CreateSessionRequest(loss=loss, session_id=session_id, device=device or "",
-                                          shared_bank=shared_bank or "")
+                                          shared_bank=shared_bank or "",
+                                          attach_only=attach_only)
         if seed is not None:
             request.seed = seed
         if shared_bank_dtype is not None:
@@ -276,7 +278,8 @@ class LossClient:
 
     def loss(self, name: str, *, session_id: str | None = None, seed: int | None = None,
              device: str | None = None, shared_bank: str | None = None,
-             world_size: int = 1, rank: int = 0, **config: Any) -> Any:
+             world_size: int = 1, rank: int = 0, attach_only: bool = False,
+             **config: Any) -> Any:
         """A remote `nn.Module` of loss `name`: same forward as the in-process class.
 
         Args:
@@ -288,13 +291,15 @@ class LossClient:
             shared_bank: read negatives from and enqueue into this shared bank.
             world_size, rank: this process is rank `rank` of `world_size` ranks that form
                 one global batch per step (needs `session_id`, the same on every rank).
+            attach_only: resume `session_id`; SessionNotFoundError if it does not exist
+                (instead of a fresh session), e.g. behind a load balancer.
             config: the loss's constructor arguments.
         """
         from .remote import RemoteLoss
 
         return RemoteLoss(self, name, session_id=session_id, seed=seed, device=device,
                           shared_bank=shared_bank, world_size=world_size, rank=rank,
-                          config=config)
+                          attach_only=attach_only, config=config)
 
     # -- shared banks ----------------------------------------------------------------------
 
@@ -431,8 +436,12 @@ class LossClient:
                 raise from_status(failed.code, failed.message, self.target,
                                   request.session_id) from None
             except grpc.RpcError as error:
+                # Failed steps come back as StepError messages; an RpcError means the
+                # stream itself broke (a restart, an idle stream reset by a proxy): open a
+                # new one and resend with the same request id, which the server answers
+                # at most once.
                 self._drop_stream(route, channel)
-                if not _retryable(error) or attempt == self.retries:
+                if _fatal(error) or attempt == self.retries:
                     raise from_rpc_error(error, self.target, request.session_id) from None
                 _backoff(attempt)
         raise AssertionError("unreachable")
@@ -481,6 +490,14 @@ class LossClient:
 
 def _retryable(error: grpc.RpcError) -> bool:
     return isinstance(error, grpc.Call) and error.code() in _RETRY_CODES
+
+
+def _fatal(error: grpc.RpcError) -> bool:
+    """Stream failures that a new stream would meet again."""
+    return isinstance(error, grpc.Call) and error.code() in (
+        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def _backoff(attempt: int) -> None:

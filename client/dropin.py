@@ -21,6 +21,10 @@ _EXTRAS = (
     inspect.Parameter("token", inspect.Parameter.KEYWORD_ONLY, default=None),
     inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=None),
     inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("shared_bank", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("world_size", inspect.Parameter.KEYWORD_ONLY, default=1),
+    inspect.Parameter("rank", inspect.Parameter.KEYWORD_ONLY, default=0),
+    inspect.Parameter("attach_only", inspect.Parameter.KEYWORD_ONLY, default=False),
 )
 
 
@@ -31,7 +35,8 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
     def __init__(self: RemoteLoss, *args: Any, server: str | None = None,
                  client: LossClient | None = None, session_id: str | None = None,
                  token: str | None = None, seed: int | None = None, device: str | None = None,
-                 **kwargs: Any) -> None:
+                 shared_bank: str | None = None, world_size: int = 1, rank: int = 0,
+                 attach_only: bool = False, **kwargs: Any) -> None:
         try:
             config = dict(constructor.bind(*args, **kwargs).arguments)
         except TypeError as error:
@@ -40,7 +45,8 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
         connection = LossClient(server, token=token) if client is None else client
         try:
             RemoteLoss.__init__(self, connection, spec.name, session_id=session_id, seed=seed,
-                                device=device, config=config)
+                                device=device, shared_bank=shared_bank, world_size=world_size,
+                                rank=rank, attach_only=attach_only, config=config)
         except BaseException:
             if owned:
                 connection.close()
@@ -64,7 +70,8 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
     doc = (f"Remote {spec.name}: lossd computes it on a server.\n\n"
            f"Takes {spec.name}'s constructor arguments, plus `server` (\"host:port\"; default "
            "$LOSSD_SERVER or localhost:50051) or `client` (a LossClient), and optionally "
-           "`session_id`, `token`, `seed` and `device`.\n\n"
+           "`session_id`, `token`, `seed`, `device`, `shared_bank`, `world_size`/`rank` "
+           "and `attach_only` (see LossClient.loss).\n\n"
            + (inspect.getdoc(spec.cls) or ""))
     return type(spec.name, (RemoteLoss,), {
         "__init__": __init__, "forward": forward, "close": close, "__doc__": doc, "__module__": "lossd.client",

@@ -38,7 +38,7 @@ class RemoteLoss(nn.Module):
     def __init__(self, client: LossClient, name: str, *, session_id: str | None = None,
                  seed: int | None = None, device: str | None = None,
                  shared_bank: str | None = None, world_size: int = 1, rank: int = 0,
-                 config: dict[str, Any] | None = None) -> None:
+                 attach_only: bool = False, config: dict[str, Any] | None = None) -> None:
         super().__init__()
         try:
             self.spec = registry.get(name)
@@ -49,7 +49,7 @@ class RemoteLoss(nn.Module):
         self.world_size, self.rank = world_size, rank
         self.session: SessionInfo = client.create_session(
             name, session_id=session_id, seed=seed, device=device, shared_bank=shared_bank,
-            **(config or {}))
+            attach_only=attach_only, **(config or {}))
         self._next_step = self.session.steps  # the global step the ranks agree on
         self._signature = _without_self(self.spec.forward)
 

@@ -80,7 +80,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         session, created = self.store.create(
             tenant, request.loss, config, request.session_id,
             request.seed if request.HasField("seed") else None, request.device,
-            request.shared_bank, dtype)
+            request.shared_bank, dtype, request.attach_only)
         return session_message(session, created=created)
 
     @rpc_method

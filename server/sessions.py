@@ -148,11 +148,13 @@ class SessionStore:
         device: str = "",
         shared_bank: str = "",
         shared_bank_dtype: torch.dtype | None = None,
+        attach_only: bool = False,
     ) -> tuple[Session, bool]:
         """Create a session, or attach to `session_id` if it exists with the same config.
 
         With `shared_bank`, the session reads its negatives from and enqueues into that
-        bank (of the same tenant); its bank size defaults to the bank's shape.
+        bank (of the same tenant); its bank size defaults to the bank's shape. With
+        `attach_only`, a missing session is NotFound rather than created.
 
         Returns (session, created). Raises AlreadyExists when the id is taken by another
         loss or config, InvalidArgument for an unknown loss or a config its class rejects,
@@ -172,6 +174,8 @@ class SessionStore:
         existing = self.find(tenant, session_id)
         if existing is not None:
             return self._attach(existing, loss, full, bank), False
+        if attach_only:
+            raise NotFound(f"session {session_id!r} not found on this server")
         resolved = self._resolve_device(device)
         if bank is not None and bank.device != resolved:
             raise FailedPrecondition(f"bank {bank.name!r} lives on {bank.device}, the session "

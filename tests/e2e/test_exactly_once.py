@@ -76,3 +76,43 @@ def test_the_same_request_id_answers_the_first_result(client: LossClient, target
     assert first == again and first.steps == 1
     assert client.get_session(session.session_id).steps == 1
     assert int(client.get_state(session.session_id)["bank_ptr"]) == 3
+
+
+class BreakFirstStream(grpc.ServerInterceptor):
+    """Applies the first step of the first ComputeStream, then resets that stream instead
+    of answering (as a proxy resetting an idle stream would)."""
+
+    def __init__(self) -> None:
+        self.broken = 0
+
+    def intercept_service(self, continuation: Callable[..., Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or not details.method.endswith("/ComputeStream"):
+            return handler
+        inner = handler.stream_stream
+
+        def stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            for reply in inner(requests, context):
+                if self.broken == 0:
+                    self.broken += 1
+                    context.abort(grpc.StatusCode.INTERNAL, "Stream removed (test)")
+                yield reply
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def test_a_broken_stream_is_reopened_and_the_step_applied_once() -> None:
+    interceptor = BreakFirstStream()
+    server = start_server(interceptors=[interceptor])
+    try:
+        with LossClient(f"127.0.0.1:{server.port}", stream=True) as client:
+            loss = client.loss("NTXentLoss", memory_bank_size=(32, 6), seed=0)
+            loss(torch.randn(8, 6, requires_grad=True), torch.randn(8, 6)).backward()
+            assert interceptor.broken == 1
+            assert int(loss.state_dict()["memory_bank.bank_ptr"]) == 8
+            assert client.get_session(loss.session_id).steps == 1
+    finally:
+        server.stop(grace=0)

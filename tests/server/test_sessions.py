@@ -99,3 +99,11 @@ def test_reflection_lists_the_service(target: str) -> None:
         reply = next(iter(stub.ServerReflectionInfo(iter([request]))))
         names = {s.name for s in reply.list_services_response.service}
     assert {"lossd.v1.LossService", "grpc.health.v1.Health"} <= names
+
+
+def test_attach_only_never_creates(client: LossClient) -> None:
+    with pytest.raises(SessionNotFoundError):
+        client.loss("NTXentLoss", session_id="resume-me", attach_only=True)
+    client.loss("NTXentLoss", session_id="resume-me")
+    resumed = client.loss("NTXentLoss", session_id="resume-me", attach_only=True)
+    assert not resumed.session.created

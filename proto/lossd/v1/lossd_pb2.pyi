@@ -61,7 +61,7 @@ class ArgInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., batch: _Optional[str] = ..., grad: _Optional[_Iterable[bool]] = ..., dtype: _Optional[str] = ..., required: _Optional[bool] = ..., default: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("loss", "config", "session_id", "seed", "device", "shared_bank", "shared_bank_dtype")
+    __slots__ = ("loss", "config", "session_id", "seed", "device", "shared_bank", "shared_bank_dtype", "attach_only")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class CreateSessionRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SHARED_BANK_FIELD_NUMBER: _ClassVar[int]
     SHARED_BANK_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_ONLY_FIELD_NUMBER: _ClassVar[int]
     loss: str
     config: _containers.MessageMap[str, _tensor_pb2.Value]
     session_id: str
@@ -83,7 +84,8 @@ class CreateSessionRequest(_message.Message):
     device: str
     shared_bank: str
     shared_bank_dtype: _tensor_pb2.DType
-    def __init__(self, loss: _Optional[str] = ..., config: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., session_id: _Optional[str] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., shared_bank: _Optional[str] = ..., shared_bank_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    attach_only: bool
+    def __init__(self, loss: _Optional[str] = ..., config: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., session_id: _Optional[str] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., shared_bank: _Optional[str] = ..., shared_bank_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., attach_only: _Optional[bool] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "loss", "config", "device", "steps", "created_at", "last_used_at", "created", "state_bytes", "shared_bank")
