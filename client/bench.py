@@ -44,8 +44,12 @@ class Case:
     config: dict[str, Any]
     make: Callable[[torch.Generator], Args]
 
-    def args(self, seed: int = 0) -> Args:
-        return self.make(torch.Generator().manual_seed(seed))
+    def args(self, seed: int = 0, device: str = "cpu") -> Args:
+        """The forward arguments, on `device` (leaves, so that they collect gradients)."""
+        args = self.make(torch.Generator().manual_seed(seed))
+        if device == "cpu":
+            return args
+        return _map(lambda t: t.detach().to(device).requires_grad_(t.requires_grad), args)
 
 
 @dataclass
@@ -105,6 +109,16 @@ def cases(quick: bool) -> list[Case]:
     return found
 
 
+def _map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(fn, v) for v in tree)
+    return tree
+
+
 def _leaves(args: Args) -> list[Tensor]:
     found: list[Tensor] = []
 
@@ -129,6 +143,7 @@ def payload_mb(args: Args) -> float:
 
 def time_steps(loss: torch.nn.Module, args: Args, repeats: int) -> float:
     """Median seconds of forward+backward over `repeats` runs (after two warm-up runs)."""
+    cuda = any(t.is_cuda for t in _leaves(args))
     times = []
     for i in range(repeats + 2):
         for t in _leaves(args):
@@ -136,6 +151,8 @@ def time_steps(loss: torch.nn.Module, args: Args, repeats: int) -> float:
         start = time.perf_counter()
         value = loss(**args)
         value.sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -146,10 +163,11 @@ def client_for(target: str, transport: str, **options: Any) -> LossClient:
                       **options)
 
 
-def measure(target: str, case: Case, transports: tuple[str, ...], repeats: int) -> Row:
-    """One case: in process, then over each transport, in one run."""
-    args = case.args()
-    local = registry.get(case.loss).cls(**case.config)
+def measure(target: str, case: Case, transports: tuple[str, ...], repeats: int,
+            device: str = "cpu") -> Row:
+    """One case: in process (on `device`), then over each transport, in one run."""
+    args = case.args(device=device)
+    local = registry.get(case.loss).cls(**case.config).to(device)
     row = Row(case.name, payload_mb(args), time_steps(local, args, repeats) * 1e3)
     for transport in transports:
         with client_for(target, transport) as client:
@@ -290,6 +308,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", help="host:port of a running server (default: start one "
                                          "here, with shared memory on)")
     parser.add_argument("--device", default="auto", help="device of the started server")
+    parser.add_argument("--local-device", default="cpu",
+                        help="where the trainer's tensors (and the in-process baseline) live, "
+                             "e.g. cuda (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="small cases, a few seconds")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per measurement (default: 15, 3 with --quick)")
@@ -311,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for i, case in enumerate(chosen, start=1):
             print(f"[{i}/{len(chosen)}] {case.name} ...", file=sys.stderr, flush=True)
-            rows.append(measure(target, case, transports, repeats))
+            rows.append(measure(target, case, transports, repeats, args.local_device))
         extras: dict[str, Any] = {}
         if not args.no_extras:
             print("throughput: 1 and 4 clients ...", file=sys.stderr, flush=True)
@@ -325,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, transports))
     for name, value in extras.items():
         print(f"\n{name}: {json.dumps(value, indent=2)}")
-    report = {"machine": machine(), "transports": transports, "repeats": repeats,
+    report = {"machine": machine(), "local_device": args.local_device,
+              "transports": transports, "repeats": repeats,
               "rows": [asdict(r) for r in rows], **extras}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     drew = plot(rows, transports, out / "bench.png")
