@@ -72,7 +72,8 @@ class Computer:
                 if grad is not None and src is not None and src.per_sample:
                     grad = grad * len(shards)
                 own[id(t)] = grad
-            replies.append(StepReply(tree, steps.grad_trees(shard, own), session.steps))
+            replies.append(steps.to_host(StepReply(tree, steps.grad_trees(shard, own),
+                                                   session.steps)))
         return replies
 
 

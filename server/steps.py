@@ -90,13 +90,42 @@ class _TensorHook:
         if msg.requires_grad and not t.is_floating_point():
             raise InvalidArgument(f"`{path}` asks for a gradient but is {t.dtype}.")
         cast = self.compute_dtype if t.is_floating_point() else None
-        t = t.to(self.device, dtype=cast, non_blocking=True)
+        t = to_device(t, self.device, cast)
         if cast is not None and cast != _wire(msg):
             self.inputs.wire_dtypes[id(t)] = _wire(msg)
         if msg.requires_grad:
             t.requires_grad_(True)
             self.inputs.wanted.append(t)
         return t
+
+
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """t on `device` (in `dtype`). To a GPU, the bytes go through a pinned host buffer, so
+    the upload is asynchronous: nothing waits for it until the loss needs the data."""
+    if device.type != "cuda":
+        return t.to(dtype=dtype) if dtype is not None else t
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, dtype=dtype, non_blocking=True)
+
+
+def to_host(tree: Any) -> Any:
+    """tree with its GPU tensors copied to pinned host memory: every copy is queued, then
+    one synchronization waits for all of them (the only one a step needs to answer)."""
+    copies: list[Tensor] = []
+
+    def download(t: Tensor) -> Tensor:
+        if not t.is_cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        copies.append(host)
+        return host
+
+    moved = _replace(tree, download)
+    if copies:
+        torch.cuda.current_stream().synchronize()
+    return moved
 
 
 def _wire(msg: tpb.Tensor) -> torch.dtype:
@@ -195,9 +224,9 @@ class StepReply:
 
 def build_reply(inputs: StepInputs, result: Any, grads: Mapping[int, Tensor | None],
                 steps: int) -> StepReply:
-    """The StepReply of a step. `grads` maps id(tensor) of the arguments' tensors to their
-    gradients."""
-    return StepReply(result_tree(inputs, result), grad_trees(inputs, grads), steps)
+    """The StepReply of a step, on the host. `grads` maps id(tensor) of the arguments'
+    tensors to their gradients."""
+    return to_host(StepReply(result_tree(inputs, result), grad_trees(inputs, grads), steps))
 
 
 def result_tree(inputs: StepInputs, result: Any) -> Any:
@@ -240,6 +269,10 @@ def _grad_tree(value: Any, grads: Mapping[int, Tensor | None]) -> Any:
 def _replace(tree: Any, fn: Any) -> Any:
     if isinstance(tree, Tensor):
         return fn(tree)
+    if isinstance(tree, StepReply):
+        return StepReply(_replace(tree.result, fn), _replace(tree.grads, fn), tree.steps)
+    if isinstance(tree, dict):
+        return {k: _replace(v, fn) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(_replace(v, fn) for v in tree)
     return tree
