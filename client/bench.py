@@ -79,6 +79,27 @@ def _pair(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
     return make
 
 
+def _dino(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
+    def make(g: torch.Generator) -> Args:  # teacher outputs come without gradients
+        return {"teacher_out": _views(g, 2, batch, dim, False),
+                "student_out": _views(g, 2, batch, dim, True)}
+    return make
+
+
+def _swav(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
+    def make(g: torch.Generator) -> Args:
+        return {"high_resolution_outputs": _views(g, 2, batch, dim, True),
+                "low_resolution_outputs": _views(g, 2, batch, dim, True)}
+    return make
+
+
+def _vicreg(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
+    def make(g: torch.Generator) -> Args:
+        z_a, z_b = _views(g, 2, batch, dim, True)
+        return {"z_a": z_a, "z_b": z_b}
+    return make
+
+
 def cases(quick: bool) -> list[Case]:
     """The benchmark's cases; `quick` keeps small ones only."""
     sizes = [(64, 32)] if quick else [(256, 128), (1024, 256)]
@@ -89,23 +110,14 @@ def cases(quick: bool) -> list[Case]:
             Case(f"NTXent {tag}", "NTXentLoss", {}, _pair(batch, dim)),
             Case(f"NTXent+bank {tag}", "NTXentLoss", {"memory_bank_size": [4096, dim]},
                  _pair(batch, dim)),
-            Case(f"DINO {tag}", "DINOLoss", {"output_dim": dim},
-                 lambda g, b=batch, d=dim: {"teacher_out": _views(g, 2, b, d, False),
-                                            "student_out": _views(g, 2, b, d, True)}),
-            Case(f"SwaV {tag}", "SwaVLoss", {},
-                 lambda g, b=batch, d=dim: {"high_resolution_outputs": _views(g, 2, b, d, True),
-                                            "low_resolution_outputs": _views(g, 2, b, d, True)}),
-            Case(f"VICReg {tag}", "VICRegLoss", {},
-                 lambda g, b=batch, d=dim: {"z_a": torch.randn(b, d, generator=g,
-                                                               requires_grad=True),
-                                            "z_b": torch.randn(b, d, generator=g,
-                                                               requires_grad=True)}),
+            Case(f"DINO {tag}", "DINOLoss", {"output_dim": dim}, _dino(batch, dim)),
+            Case(f"SwaV {tag}", "SwaVLoss", {}, _swav(batch, dim)),
+            Case(f"VICReg {tag}", "VICRegLoss", {}, _vicreg(batch, dim)),
         ]
     batch, dim = (32, 2048) if quick else (256, 16384)
-    found.append(Case(f"DINO {batch}x{dim} ({4 * batch * dim * 4 / 2**20:.0f} MB)", "DINOLoss",
-                      {"output_dim": dim},
-                      lambda g: {"teacher_out": _views(g, 2, batch, dim, False),
-                                 "student_out": _views(g, 2, batch, dim, True)}))
+    megabytes = 4 * batch * dim * 4 / 2**20
+    found.append(Case(f"DINO {batch}x{dim} ({megabytes:.0f} MB)", "DINOLoss",
+                      {"output_dim": dim}, _dino(batch, dim)))
     return found
 
 
@@ -215,7 +227,7 @@ def wire_accuracy(target: str, case: Case) -> dict[str, dict[str, float]]:
     """Relative error of the loss and of the gradients with float16/bfloat16 on the wire
     (against float32 on the wire), and the step time of each."""
     out: dict[str, dict[str, float]] = {}
-    reference: tuple[Tensor, list[Tensor]] | None = None
+    reference: tuple[Tensor, list[Any]] | None = None
     for name, dtype in (("float32", None), ("float16", torch.float16),
                         ("bfloat16", torch.bfloat16)):
         args = case.args()
@@ -228,8 +240,9 @@ def wire_accuracy(target: str, case: Case) -> dict[str, dict[str, float]]:
             remote.close(delete_session=True)
         if reference is None:
             reference = (value.detach(), grads)
-        loss_err = ((value.detach() - reference[0]).abs() / reference[0].abs()).max().item()
-        grad_err = max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference[1]))
+        first, first_grads = reference
+        loss_err = ((value.detach() - first).abs() / first.abs()).max().item()
+        grad_err = max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, first_grads))
         out[name] = {"loss_rel_err": loss_err, "grad_rel_err": grad_err, "step_ms": ms}
     return out
 

@@ -408,8 +408,9 @@ class LossClient:
             elif lease is not None:
                 lease.ensure(inputs + outputs)
         except (grpc.RpcError, OSError) as error:
+            detail = error.details() if isinstance(error, grpc.Call) else str(error)
             log.warning("shared memory unavailable for session %s (%s); using the wire",
-                        session_id, getattr(error, "details", lambda: error)())
+                        session_id, detail)
             self._leases[session_id] = lease = None
         return lease
 
@@ -450,7 +451,8 @@ class LossClient:
         with self._streams_lock:
             channel = self._streams.get(route)
             if channel is None:
-                channel = self._streams[route] = ComputeStream(self._stub, self._call_metadata(route))
+                metadata = self._call_metadata(route)
+                channel = self._streams[route] = ComputeStream(self._stub, metadata)
             return channel
 
     def _drop_stream(self, route: str, channel: ComputeStream) -> None:

@@ -74,8 +74,8 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
            "and `attach_only` (see LossClient.loss).\n\n"
            + (inspect.getdoc(spec.cls) or ""))
     return type(spec.name, (RemoteLoss,), {
-        "__init__": __init__, "forward": forward, "close": close, "__doc__": doc, "__module__": "lossd.client",
-        "__qualname__": spec.name,
+        "__init__": __init__, "forward": forward, "close": close, "__doc__": doc,
+        "__module__": "lossd.client", "__qualname__": spec.name,
     })
 
 

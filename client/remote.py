@@ -35,6 +35,8 @@ class RemoteLoss(nn.Module):
         config: constructor arguments, as for the in-process class.
     """
 
+    _owns_client = False  # set by drop-in classes, which open their own connection
+
     def __init__(self, client: LossClient, name: str, *, session_id: str | None = None,
                  seed: int | None = None, device: str | None = None,
                  shared_bank: str | None = None, world_size: int = 1, rank: int = 0,

@@ -125,8 +125,8 @@ def create_server(config: ServerConfig,
 
 def _metrics(store: SessionStore, admission: Admission) -> Metrics:
     metrics = Metrics()
-    metrics.gauge("lossd_sessions", "Sessions held", lambda: len(store.list()))
-    metrics.gauge("lossd_banks", "Shared banks held", lambda: len(store.banks.list()))
+    metrics.gauge("lossd_sessions", "Sessions held", lambda: len(store.all()))
+    metrics.gauge("lossd_banks", "Shared banks held", lambda: len(store.banks.all()))
     metrics.gauge("lossd_state_bytes", "Bytes of state of all sessions and banks",
                   store.total_state_bytes)
     metrics.gauge("lossd_queue_depth", "Steps waiting for a turn", lambda: admission.waiting)

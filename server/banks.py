@@ -99,7 +99,7 @@ class BankStore:
             raise NotFound(f"bank {name!r} not found on this server")
         return bank
 
-    def list(self, tenant: str | None = None) -> list[SharedBank]:
+    def all(self, tenant: str | None = None) -> list[SharedBank]:
         """The tenant's banks (every tenant's for None), oldest first."""
         with self._lock:
             banks = [b for (t, _), b in self._banks.items() if tenant in (None, t)]
@@ -125,7 +125,7 @@ class BankStore:
 
     def total_bytes(self) -> int:
         """Bytes held by all banks."""
-        return sum(b.nbytes() for b in self.list())
+        return sum(b.nbytes() for b in self.all())
 
 
 def bank_bytes(num_features: int, dim: int, dtype: torch.dtype) -> int:

@@ -120,7 +120,7 @@ class Malformed:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def ByteSize(self) -> int:  # noqa: N802 - mimics a message for the metrics
+    def ByteSize(self) -> int:  # mimics a message, for the metrics
         return 0
 
 

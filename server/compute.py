@@ -13,8 +13,8 @@ from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import tensor_pb2 as tpb
 
 from . import steps
-from .global_batch import merge_shards
 from .errors import InvalidArgument
+from .global_batch import merge_shards
 from .limits import Admission
 from .sessions import Session
 from .steps import StepInputs, StepReply

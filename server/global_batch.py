@@ -202,7 +202,7 @@ class GlobalSteps:
         try:
             replies = compute([meeting.shards[r] for r in range(meeting.world_size)])
             meeting.replies = dict(enumerate(replies))
-        except BaseException as error:  # every rank gets the same error
+        except BaseException as error:  # noqa: BLE001 - every rank gets the same error
             meeting.error = error
         finally:
             meeting.done.set()

@@ -156,8 +156,8 @@ class Snapshotter:
         """Write the sessions and banks (of `tenant`, or all) that changed since their last
         snapshot; returns how many of each were written."""
         with self._write_lock:
-            banks = sum(self._write_bank(b) for b in self.store.banks.list(tenant))
-            sessions = sum(self._write_session(s) for s in self.store.list(tenant))
+            banks = sum(self._write_bank(b) for b in self.store.banks.all(tenant))
+            sessions = sum(self._write_session(s) for s in self.store.all(tenant))
         return sessions, banks
 
     def _write_session(self, session: Session) -> bool:
@@ -228,5 +228,5 @@ class Snapshotter:
         while not self._stop.wait(self.interval_s):
             try:
                 self.snapshot()
-            except Exception:  # noqa: BLE001 - keep snapshotting; say why it failed
+            except Exception:
                 log.exception("periodic snapshot failed")

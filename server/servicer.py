@@ -41,8 +41,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.store = store
         self.shared_memory_dir = shared_memory_dir
         self.max_region_bytes = max_region_bytes
-        store.on_remove.append(lambda session: [release_region(session, name)
-                                                for name in list(session.regions)])
+        store.on_remove.append(release_regions)
         self.banks = store.banks
         self.computer = computer
         self.auth = auth
@@ -91,7 +90,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     @rpc_method
     def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
                      ) -> pb.ListSessionsResponse:
-        sessions = self.store.list(self._tenant(context))
+        sessions = self.store.all(self._tenant(context))
         return pb.ListSessionsResponse(sessions=[session_message(s) for s in sessions])
 
     @rpc_method
@@ -222,7 +221,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     @rpc_method
     def ListBanks(self, request: pb.ListBanksRequest, context: grpc.ServicerContext
                   ) -> pb.ListBanksResponse:
-        banks = self.banks.list(self._tenant(context))
+        banks = self.banks.all(self._tenant(context))
         return pb.ListBanksResponse(banks=[bank_message(b) for b in banks])
 
     @rpc_method
@@ -278,6 +277,12 @@ def _open_region(lease: pb.MemoryLease, directory: str, max_bytes: int) -> Share
     except OSError as error:  # e.g. the client is on another host
         raise FailedPrecondition(f"cannot map {lease.path!r} ({error.strerror}); shared memory "
                                  "works only when client and server share a host") from None
+
+
+def release_regions(session: Session) -> None:
+    """Let go of all of the session's shared-memory regions (it is being removed)."""
+    for name in list(session.regions):
+        release_region(session, name)
 
 
 def release_region(session: Session, name: str) -> None:

@@ -209,7 +209,7 @@ class SessionStore:
         session.touch()
         return session
 
-    def list(self, tenant: str | None = None) -> list[Session]:
+    def all(self, tenant: str | None = None) -> list[Session]:
         """The tenant's sessions (every tenant's for None), oldest first."""
         with self._lock:
             sessions = [s for (t, _), s in self._sessions.items() if tenant in (None, t)]
@@ -239,7 +239,7 @@ class SessionStore:
 
     def total_state_bytes(self) -> int:
         """State bytes of all sessions and banks."""
-        return sum(s.state_bytes() for s in self.list()) + self.banks.total_bytes()
+        return sum(s.state_bytes() for s in self.all()) + self.banks.total_bytes()
 
     def check_room(self, tenant: str, new_bytes: int) -> None:
         """ResourceExhausted if `new_bytes` more state would pass a limit."""
@@ -247,7 +247,7 @@ class SessionStore:
 
     def _check_room(self, tenant: str, new_bytes: int, new_session: bool = True) -> None:
         limits = self.limits
-        if new_session and len(self.list(tenant)) >= limits.max_sessions_per_tenant:
+        if new_session and len(self.all(tenant)) >= limits.max_sessions_per_tenant:
             raise ResourceExhausted(f"tenant has {limits.max_sessions_per_tenant} sessions, the "
                                     "most allowed; delete some first")
         if new_bytes > limits.max_session_state_bytes:

@@ -55,7 +55,8 @@ def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: tor
     for arg in sorted(spec.args, key=lambda a: a.name):  # the order chunks were sent in
         if arg.name not in messages:
             if spec.arg_default(arg.name) is inspect.Parameter.empty:
-                raise InvalidArgument(f"Expected `{arg.name}` ({arg.kind.value}), but it is missing.")
+                raise InvalidArgument(
+                    f"Expected `{arg.name}` ({arg.kind.value}), but it is missing.")
             continue
         hook = _TensorHook(arg, device, compute_dtype, inputs)
         try:
@@ -256,7 +257,7 @@ _NO_GRAD_ASKED = object()
 def _grad_tree(value: Any, grads: Mapping[int, Tensor | None]) -> Any:
     """value with each tensor replaced by its gradient; _NO_GRAD_ASKED if none was asked."""
     if isinstance(value, Tensor):
-        return grads[id(value)] if id(value) in grads else _NO_GRAD_ASKED
+        return grads.get(id(value), _NO_GRAD_ASKED)
     if isinstance(value, (list, tuple)):
         items = [_grad_tree(v, grads) for v in value]
         if all(i is _NO_GRAD_ASKED for i in items):
