@@ -38,6 +38,7 @@ class BarlowTwinsLoss(nn.Module):
         check.tensor("z_a", z_a, ndim=2, shape_hint="(batch_size, dim)")
         check.tensor("z_b", z_b, ndim=2, shape_hint="(batch_size, dim)")
         check.same_shape("z_a", z_a, "z_b", z_b)
+        check.same_dtype("z_a", z_a, "z_b", z_b)
         check.min_batch("z_a", z_a)
         c = _standardize(z_a).T @ _standardize(z_b) / z_a.shape[0]  # (D, D)
         on_diagonal = (c.diagonal() - 1).pow(2).sum()

@@ -114,6 +114,7 @@ class DINOLoss(StatefulLoss):
 
 def _check_views(teachers: list[Tensor], students: list[Tensor], output_dim: int) -> None:
     first = teachers[0]
+    check.min_batch("teacher_out[0]", first, minimum=1)
     for name, views in (("teacher_out", teachers), ("student_out", students)):
         for i, view in enumerate(views):
             check.size_at(f"{name}[{i}]", view, 1, output_dim, "output_dim")

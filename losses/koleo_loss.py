@@ -33,6 +33,7 @@ class KoLeoLoss(nn.Module):
             `-mean_i log(||x_i - x_nn(i) + eps||_p + eps)` on L2-normalized rows, 0-d.
         """
         check.tensor("x", x, ndim=2, shape_hint="(batch_size, dim)")
+        check.min_batch("x", x, minimum=1)
         x = F.normalize(x, p=2, dim=-1, eps=self.eps)
         with torch.no_grad():
             # Nearest neighbour by cosine similarity; -2 on the diagonal excludes self.

@@ -99,6 +99,11 @@ class MSNLoss(nn.Module):
                              "size of `targets`)", f"shape {tuple(anchors.shape)}")
         check.size_at("targets", targets, 1, anchors.shape[1], "the dim of `anchors`")
         check.size_at("prototypes", prototypes, 1, anchors.shape[1], "the dim of `anchors`")
+        if prototypes.shape[0] < 1:
+            raise check.fail("prototypes", "a tensor with at least 1 prototype (row)",
+                             f"shape {tuple(prototypes.shape)}")
+        check.same_dtype("anchors", anchors, "targets", targets)
+        check.same_dtype("anchors", anchors, "prototypes", prototypes)
         num_views = anchors.shape[0] // batch_size
         anchors = F.normalize(anchors, dim=1)
         prototypes = F.normalize(prototypes, dim=1)

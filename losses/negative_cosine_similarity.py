@@ -36,6 +36,9 @@ class NegativeCosineSimilarity(nn.Module):
         except RuntimeError:
             raise check.fail("x1", f"broadcastable with `x0` {tuple(x0.shape)}",
                              f"shape {tuple(x1.shape)}") from None
+        if 0 in shape:
+            raise check.fail("x0", "non-empty tensors", f"shapes {tuple(x0.shape)} and "
+                             f"{tuple(x1.shape)}")
         if not -len(shape) <= self.dim < len(shape):
             raise check.fail("x0", f"a tensor with a dim {self.dim} (the `dim` argument)",
                              f"shape {tuple(shape)}")

@@ -59,6 +59,8 @@ class NTXentLoss(nn.Module):
         y = F.normalize(out1, dim=1)
         if not self.memory_bank.enabled:
             return _in_batch_loss(x, y, self.temperature)
+        check.same_dtype("out0", out0, "out1", out1)  # the bank products need one dtype
+        check.min_batch("out0", out0, minimum=1)
         bank = self.memory_bank.read("out1", y, dtype=torch.promote_types(x.dtype, y.dtype))
         loss = _bank_loss(x, y, bank, self.temperature)
         if x.requires_grad:

@@ -105,6 +105,9 @@ def _check_crops(
         raise check.fail("high_resolution_outputs and low_resolution_outputs",
                          "at least two crops in total", f"{len(high)} and {len(low)}")
     first = high[0]
+    if first.shape[0] < 1 or first.shape[1] < 1:
+        raise check.fail("high_resolution_outputs[0]", "a tensor with at least 1 sample and "
+                         "1 prototype", f"shape {tuple(first.shape)}")
     for name, views in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
         for i, view in enumerate(views):
             check.size_at(f"{name}[{i}]", view, 1, first.shape[1], "num_prototypes")

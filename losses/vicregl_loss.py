@@ -164,14 +164,17 @@ def _check_views(
     if len(globals_) + len(locals_) < 2:
         raise check.fail("global_view_features", "at least two views in total (global + local)",
                          f"{len(globals_)} global and {len(locals_)} local view(s)")
-    (g0, l0), _ = globals_[0]
+    (g0, l0), grid0 = globals_[0]
     check.min_batch("global_view_features[0][0]", g0)
     for kind, views in (("global", globals_), ("local", locals_)):
-        for i, ((g, l), _) in enumerate(views):
+        for i, ((g, l), grid) in enumerate(views):
             name = f"{kind}_view_features[{i}]"
             check.same_shape("global_view_features[0][0]", g0, f"{name}[0]", g)
             check.size_at(f"{name}[1]", l, 0, g0.shape[0], "batch_size")
             check.size_at(f"{name}[1]", l, 3, l0.shape[3], "local_dim")
+            # local features (and grids) of different views are compared by cdist
+            check.same_dtype("global_view_features[0][1]", l0, f"{name}[1]", l)
+            check.same_dtype("global_view_grids[0]", grid0, f"{kind}_view_grids[{i}]", grid)
     return globals_, locals_
 
 

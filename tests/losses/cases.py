@@ -3,6 +3,7 @@ step with leaves that require grad, and snapshots of a loss's state."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,6 +23,13 @@ STATEFUL_CASES: list[dict[str, Any]] = [
 FIRST_CASE: dict[str, dict[str, Any]] = {}
 for _case in CASES:
     FIRST_CASE.setdefault(_case["loss"], _case)
+
+
+def T(*shape: int, s: int = 0) -> Tensor:
+    """The semantics doc's input recipe (§7): sin(0.7 i + 1.3 s) over i < prod(shape),
+    computed in float64, reshaped, then cast to float32."""
+    n = math.prod(shape)
+    return torch.sin(torch.arange(n, dtype=torch.float64) * 0.7 + 1.3 * s).reshape(shape).float()
 
 
 def case_ids(cases: list[dict[str, Any]]) -> list[str]:
@@ -57,11 +65,19 @@ def detached_args(step: dict[str, Any], dtype: torch.dtype | None = None) -> dic
 def gradients(result: Tensor, args: dict[str, Any]) -> dict[str, Any]:
     """d result.sum() / d every leaf of args, shaped like args (None where no gradient)."""
     inputs = [t for t in leaves(args) if t.requires_grad]
-    if not inputs or not result.requires_grad:
-        return tree_map(lambda t: None, args)
-    found = torch.autograd.grad(result.sum(), inputs, allow_unused=True)
-    by_id = {id(t): g for t, g in zip(inputs, found)}
-    return tree_map(lambda t: by_id.get(id(t)), args)
+    found: tuple[Tensor | None, ...] = ()
+    if inputs and result.requires_grad:
+        found = torch.autograd.grad(result.sum(), inputs, allow_unused=True)
+    by_id = {id(t): g for t, g in zip(inputs, found, strict=False)}
+
+    def grad_of(tree: Any) -> Any:
+        if isinstance(tree, Tensor):
+            return by_id.get(id(tree))
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(grad_of(v) for v in tree)
+        return None  # numbers, flags, None
+
+    return {k: grad_of(v) for k, v in args.items()}
 
 
 def run_step(module: nn.Module, step: dict[str, Any],
@@ -99,7 +115,8 @@ def assert_same_state(actual: dict[str, Any], expected: dict[str, Any], where: s
             continue
         assert got is not None, f"{where}: {key} is None"
         assert got.dtype == value.dtype, f"{where}: {key} dtype {got.dtype} != {value.dtype}"
-        torch.testing.assert_close(got, value, rtol=0, atol=0, msg=lambda m: f"{where}: {key}: {m}")
+        torch.testing.assert_close(got, value, rtol=0, atol=0,
+                                   msg=lambda m, key=key: f"{where}: {key}: {m}")
 
 
 def assert_trees_equal(actual: Any, expected: Any, where: str = "") -> None:
@@ -116,7 +133,7 @@ def assert_trees_equal(actual: Any, expected: Any, where: str = "") -> None:
             assert_trees_equal(actual[k], expected[k], f"{where}.{k}")
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), f"{where}: lengths differ"
-        for i, (a, e) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_trees_equal(a, e, f"{where}[{i}]")
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"

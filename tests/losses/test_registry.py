@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from lossd.losses import registry
+from lossd.losses import MemoryBankModule, registry
 from lossd.losses.registry import LOSSES, Kind, LossSpec, Returns
 from tests.golden import LOSS_RTOL, leaves
 from tests.losses.cases import (
@@ -105,7 +105,7 @@ def test_there_are_twenty_losses_and_the_bank() -> None:
 
 def test_get_names_the_known_losses() -> None:
     assert registry.get("NTXentLoss") is LOSSES["NTXentLoss"]
-    with pytest.raises(ValueError, match="`loss`.*NTXentLoss"):
+    with pytest.raises(ValueError, match=r"`loss`.*NTXentLoss"):
         registry.get("NoSuchLoss")
 
 
@@ -122,7 +122,7 @@ def test_constructor_matches_lightly(spec: LossSpec) -> None:
     expected = LIGHTLY_CONSTRUCTORS[spec.name]
     params = list(spec.constructor.parameters.values())
     assert [p.name for p in params] == [name for name, _ in expected]
-    for param, (name, default) in zip(params, expected):
+    for param, (name, default) in zip(params, expected, strict=True):
         assert param.default == default, f"{name}: {param.default!r} != {default!r}"
         assert type(param.default) is type(default) or default is _REQUIRED or (
             isinstance(default, (int, float)) and isinstance(param.default, (int, float))
@@ -152,6 +152,24 @@ def test_spec_is_consistent(spec: LossSpec) -> None:
         if not arg.is_tensor:
             assert arg.grad is False and arg.batch == registry.Batch.NONE, arg.name
     assert spec.returns == (Returns.OUTPUTS if spec.name == "MemoryBankModule" else Returns.LOSS)
+    for arg in spec.args:
+        if arg.batch == registry.Batch.VIEW_ROWS:  # the batch size comes from a ROWS argument
+            assert spec.arg(arg.views_of).batch == registry.Batch.ROWS, arg.name
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_bank_slot_points_at_a_memory_bank(spec: LossSpec) -> None:
+    if spec.bank is None:
+        assert not any(s.endswith("bank") for s in spec.state)
+        return
+    assert spec.bank.size_arg in spec.constructor.parameters
+    config = {**({"target_distribution": "uniform"} if spec.required_config() else {}),
+              spec.bank.size_arg: (4, 3)}
+    module = spec.cls(**config)
+    bank = module.get_submodule(spec.bank.module) if spec.bank.module else module
+    assert isinstance(bank, MemoryBankModule) and bank.bank.shape == (4, 3)
+    prefix = f"{spec.bank.module}." if spec.bank.module else ""
+    assert {f"{prefix}bank", f"{prefix}bank_ptr"} <= set(spec.state)
 
 
 def test_every_stateful_spec_has_a_stateful_case() -> None:
@@ -247,7 +265,7 @@ def test_runs_under_no_grad_on_inputs_without_grad(case: dict[str, Any]) -> None
     with torch.no_grad():
         result = module(**args)
     if step["loss"] is None:
-        output, bank = result
+        _, bank = result
         torch.testing.assert_close(bank, step["outputs"]["bank"], rtol=0, atol=0)
         return
     assert not result.requires_grad
