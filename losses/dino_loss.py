@@ -85,10 +85,13 @@ class DINOLoss(StatefulLoss):
         s = torch.stack(students)  # (V_s, B, D)
         teacher_probs = F.softmax((t - self.center) / temperature, dim=-1)
         student_logp = F.log_softmax(s / self.student_temp, dim=-1).to(teacher_probs.dtype)
-        cross = -torch.einsum("tbd,sbd->ts", teacher_probs, student_logp)  # (V_t, V_s)
-        same_view = torch.eye(*cross.shape, dtype=torch.bool, device=cross.device)
-        n_terms = cross.numel() - min(cross.shape)
-        loss = cross.masked_fill(same_view, 0).sum() / (n_terms * t.shape[1])
+        # Sum over all (teacher, student) view pairs, minus the pairs of the same index:
+        # one contraction with the students' sum instead of one per pair.
+        shared = min(len(teachers), len(students))
+        all_pairs = torch.einsum("tbd,bd->", teacher_probs, student_logp.sum(dim=0))
+        same_index = torch.einsum("vbd,vbd->", teacher_probs[:shared], student_logp[:shared])
+        n_terms = len(teachers) * len(students) - shared
+        loss = -(all_pairs - same_index) / (n_terms * t.shape[1])
         self.update_center(t)
         return loss
 
