@@ -4,7 +4,7 @@ Every class keeps lightly's constructor and `forward`; see the README for the fe
 deliberate differences. `registry.LOSSES` describes each loss for generic code.
 """
 
-from ._state import StatefulLoss, state_transaction
+from ._state import NonFiniteStateError, StatefulLoss, state_transaction
 from .barlow_twins_loss import BarlowTwinsLoss
 from .co2_regularizer import CO2Regularizer
 from .dcl_loss import DCLLoss, DCLWLoss
@@ -39,6 +39,7 @@ __all__ = [
     "MSNLoss",
     "MemoryBankModule",
     "NTXentLoss",
+    "NonFiniteStateError",
     "NegativeCosineSimilarity",
     "PMSNCustomLoss",
     "PMSNLoss",

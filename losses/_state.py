@@ -17,11 +17,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 Change = Callable[[], None]
+
+
+class NonFiniteStateError(ValueError):
+    """A step would have left NaN or Inf in the state (e.g. finite but huge inputs that
+    overflow a center); raised by `state_transaction(..., require_finite=True)`."""
+
+
+@dataclass
+class _Pending:
+    change: Change
+    name: str = ""
+    value: Tensor | None = None  # what the change writes ...
+    into: Tensor | None = None  # ... into this tensor (for its dtype)
 
 
 class StatefulLoss(nn.Module):
@@ -35,19 +50,24 @@ class StatefulLoss(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pending: list[Change] | None = None
+        self._pending: list[_Pending] | None = None
 
     @property
     def _in_transaction(self) -> bool:
         """True while changes wait for the end of a `state_transaction`."""
         return self._pending is not None
 
-    def _change_state(self, change: Change) -> None:
-        """Apply `change` now, or when the surrounding transaction commits."""
+    def _change_state(self, change: Change, name: str = "", value: Tensor | None = None,
+                      into: Tensor | None = None) -> None:
+        """Apply `change` now, or when the surrounding transaction commits.
+
+        `value` is what the change writes into `into` (the state tensor `name`), so that a
+        transaction can refuse a change that would leave NaN or Inf behind.
+        """
         if self._pending is None:
             change()
         else:
-            self._pending.append(change)
+            self._pending.append(_Pending(change, name, value, into))
 
     def _check_loaded(self, name: str, value: Tensor) -> str | None:
         """An error message if `value` cannot become buffer `name`, else None."""
@@ -97,12 +117,13 @@ class StatefulLoss(nn.Module):
 
 
 @contextmanager
-def state_transaction(module: nn.Module) -> Iterator[None]:
+def state_transaction(module: nn.Module, require_finite: bool = False) -> Iterator[None]:
     """Defer every state change made by `module` (and its submodules) inside the block.
 
     The changes apply, in the order they were made, when the block exits normally and are
     dropped if it raises. Run one forward per transaction: a second forward in the same
-    block would read the state as it was before the first.
+    block would read the state as it was before the first. With `require_finite`, changes
+    that would write NaN or Inf are refused with NonFiniteStateError (one device sync).
 
     Example::
 
@@ -114,15 +135,32 @@ def state_transaction(module: nn.Module) -> Iterator[None]:
     stateful = [m for m in module.modules() if isinstance(m, StatefulLoss)]
     if any(m._in_transaction for m in stateful):
         raise RuntimeError("state_transaction blocks on the same loss cannot be nested")
-    pending: list[Change] = []
+    pending: list[_Pending] = []
     for m in stateful:
         m._pending = pending
     try:
         yield
         for m in stateful:
             m._pending = None
-        for change in pending:
-            change()
+        if require_finite:
+            _check_finite(pending)
+        for p in pending:
+            p.change()
     finally:
         for m in stateful:
             m._pending = None
+
+
+def _check_finite(pending: list[_Pending]) -> None:
+    checked = [p for p in pending if p.value is not None and p.value.is_floating_point()]
+    if not checked:
+        return
+    finite = torch.stack([
+        torch.isfinite(p.value.to(p.into.dtype if p.into is not None else p.value.dtype)).all()
+        for p in checked if p.value is not None
+    ])
+    if not bool(finite.all()):
+        names = sorted({p.name for p, ok in zip(checked, finite.tolist()) if not ok})
+        raise NonFiniteStateError(
+            f"the step would leave NaN or Inf in the state ({', '.join(names)}): inputs too "
+            "large for the state's dtype? Nothing changed.")

@@ -47,4 +47,4 @@ class Center(StatefulLoss):
         """Move the center towards the mean of x over the reduced dims."""
         batch_center = x.mean(dim=self.reduce_dims, keepdim=True)
         new = self.center * self.momentum + batch_center * (1 - self.momentum)
-        self._change_state(lambda: self.center.copy_(new))
+        self._change_state(lambda: self.center.copy_(new), "center", new, self.center)

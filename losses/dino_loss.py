@@ -101,7 +101,7 @@ class DINOLoss(StatefulLoss):
         batch_center = teacher_out.mean(dim=(0, 1), keepdim=True)
         m = self.center_momentum
         new = self.center * m + batch_center * (1 - m)
-        self._change_state(lambda: self.center.copy_(new))
+        self._change_state(lambda: self.center.copy_(new), "center", new, self.center)
 
     def _teacher_temperature(self, teacher_temp: object, epoch: object) -> float:
         if teacher_temp is not None:

@@ -166,7 +166,7 @@ class MemoryBankModule(StatefulLoss):
     def push(self, batch: Tensor) -> None:
         """Enqueue `batch` (B, *feature_shape), detached and cast to the bank's dtype."""
         rows = batch.detach()
-        self._change_state(lambda: self._enqueue(rows))
+        self._change_state(lambda: self._enqueue(rows), "bank", rows, self.bank)
 
     def share_storage_of(self, other: MemoryBankModule) -> None:
         """Read from and enqueue into `other`'s bank (rows, pointer and cursor) from now on.

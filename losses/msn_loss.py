@@ -109,10 +109,13 @@ class MSNLoss(nn.Module):
         prototypes = F.normalize(prototypes, dim=1)
         logits = anchors @ prototypes.T / self.temperature  # (V * B, K)
         with torch.no_grad():
+            # Targets in at least float32: sharpened float16 probabilities underflow to 0
+            # and Sinkhorn would divide 0 by 0.
+            exact = torch.promote_types(logits.dtype, torch.float32)
             target_probs = prototype_probabilities(
-                F.normalize(targets, dim=1), prototypes, self.temperature)
+                F.normalize(targets.to(exact), dim=1), prototypes.to(exact), self.temperature)
             target_probs = sinkhorn(sharpen(target_probs, sharpen_temp), self.sinkhorn_iterations)
-            target_probs = target_probs.repeat(num_views, 1)  # (V * B, K)
+            target_probs = target_probs.repeat(num_views, 1).to(logits.dtype)  # (V * B, K)
         log_probs = F.log_softmax(logits, dim=1)
         loss = -(target_probs * log_probs).sum(dim=1).mean()
         if self.regularization_weight > 0:

@@ -55,12 +55,12 @@ class NTXentLoss(nn.Module):
         check.tensor("out0", out0, ndim=2, shape_hint="(batch_size, dim)")
         check.tensor("out1", out1, ndim=2, shape_hint="(batch_size, dim)")
         check.same_shape("out0", out0, "out1", out1)
+        check.min_batch("out0", out0, minimum=1)
         x = F.normalize(out0, dim=1)
         y = F.normalize(out1, dim=1)
         if not self.memory_bank.enabled:
             return _in_batch_loss(x, y, self.temperature)
         check.same_dtype("out0", out0, "out1", out1)  # the bank products need one dtype
-        check.min_batch("out0", out0, minimum=1)
         bank = self.memory_bank.read("out1", y, dtype=torch.promote_types(x.dtype, y.dtype))
         loss = _bank_loss(x, y, bank, self.temperature)
         if x.requires_grad:

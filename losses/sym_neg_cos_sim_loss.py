@@ -32,6 +32,7 @@ class SymNegCosineSimilarityLoss(nn.Module):
         z1, p1 = _view("out1", out1)
         for name, t in (("out1[0]", z1), ("out0[1]", p0), ("out1[1]", p1)):
             check.same_shape("out0[0]", z0, name, t)
+        check.min_batch("out0[0]", z0, minimum=1)
         return 0.5 * (_negative_cosine(p0, z1) + _negative_cosine(p1, z0))
 
 

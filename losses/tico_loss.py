@@ -65,7 +65,7 @@ class TiCoLoss(StatefulLoss):
         contrast = self.rho * ((x @ cov.to(x.dtype)) * x).sum(dim=1).mean()
         if update_covariance_matrix:
             new = cov.detach().to(_state_dtype(previous, batch_cov))
-            self._change_state(lambda: setattr(self, "C", new))
+            self._change_state(lambda: setattr(self, "C", new), "C", new, new)
         return invariance + contrast
 
     def _check_loaded(self, name: str, value: Tensor) -> str | None:

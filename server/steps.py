@@ -186,8 +186,9 @@ def run_step(session: Session, inputs: StepInputs, admission: Admission
     """
     with admission.slot(), session.lock, session.bank_lock():
         try:
-            with state_transaction(session.module):
+            with state_transaction(session.module, require_finite=True):
                 result = session.module(**inputs.args)
+                _check_finite(result)
                 grads = _gradients(result, inputs.wanted)
         except torch.OutOfMemoryError:
             raise ResourceExhausted("out of memory computing this step; nothing changed"
@@ -196,6 +197,13 @@ def run_step(session: Session, inputs: StepInputs, admission: Admission
         session.changed()
     session.touch()
     return result, {id(t): g for t, g in zip(inputs.wanted, grads)}
+
+
+def _check_finite(result: Any) -> None:
+    """Refuse a step whose loss is NaN or Inf (its state changes are dropped with it)."""
+    if isinstance(result, Tensor) and result.numel() == 1 and not bool(torch.isfinite(result)):
+        raise InvalidArgument("the loss of this step is not finite (NaN or Inf): inputs out of "
+                              "the range the loss can handle? Nothing changed.")
 
 
 def _gradients(result: Any, wanted: list[Tensor]) -> list[Tensor | None]:

@@ -40,6 +40,7 @@ _FROM_WIRE: dict[int, torch.dtype] = {v: k for k, v in _TO_WIRE.items()}
 DEFAULT_MAX_MESSAGE_MB = 512
 
 MAX_DIMS = 16
+MAX_ELEMENTS = 2**48  # beyond any message; keeps torch's stride arithmetic from overflowing
 MAX_DEPTH = 8  # lists of pairs of tensors need 3; deeper trees are refused
 
 
@@ -158,6 +159,8 @@ def tensor_nbytes(msg: pb.Tensor) -> int:
     shape = tuple(msg.shape)
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
         raise ValueError(f"expected at most {MAX_DIMS} non-negative dims, got shape {shape}")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # even an empty tensor must be sane
+        raise ValueError(f"expected at most {MAX_ELEMENTS} elements, got shape {shape}")
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
