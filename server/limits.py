@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -15,6 +16,7 @@ from lossd.losses import MemoryBankModule, registry
 from .errors import InvalidArgument, ResourceExhausted
 
 MIB = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,14 +49,21 @@ def estimate_state_bytes(spec: registry.LossSpec, config: dict[str, Any]) -> int
 
 
 class Admission:
-    """At most `concurrent` steps compute at once; at most `queued` wait for a turn, the
-    next one is refused with RESOURCE_EXHAUSTED."""
+    """Runs steps on a few long-lived compute threads: at most `concurrent` at once, at most
+    `queued` waiting for a turn (the next one is refused with RESOURCE_EXHAUSTED).
+
+    Why threads of their own: torch's intra-op parallelism keeps a team of helper threads
+    per calling thread. Computing on gRPC's many worker threads would spread steps over
+    many such teams, which then compete for the cores; a few compute threads, the most
+    recently used one first, keep one team warm.
+    """
 
     def __init__(self, concurrent: int, queued: int) -> None:
         self._slots = threading.Semaphore(concurrent)
         self._queued = queued
         self._waiting = 0
-        self._running = 0
+        self._size = concurrent
+        self._idle: list[_ComputeThread] = [_ComputeThread() for _ in range(concurrent)]
         self._lock = threading.Lock()
 
     @property
@@ -63,10 +72,10 @@ class Admission:
 
     @property
     def running(self) -> int:
-        return self._running
+        return self._size - len(self._idle)
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
+    def run(self, fn: Callable[[], T]) -> T:
+        """fn() on a compute thread, once one is free; its result or its exception."""
         with self._lock:
             if self._waiting >= self._queued:
                 raise ResourceExhausted(f"server busy: {self._waiting} steps already wait for a "
@@ -78,10 +87,31 @@ class Admission:
             with self._lock:
                 self._waiting -= 1
         with self._lock:
-            self._running += 1
+            worker = self._idle.pop()  # the most recently used: its helper threads are warm
         try:
-            yield
+            return worker.call(fn)
         finally:
             with self._lock:
-                self._running -= 1
+                self._idle.append(worker)
             self._slots.release()
+
+
+class _ComputeThread:
+    """A daemon thread that runs one function at a time for its callers."""
+
+    def __init__(self) -> None:
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="lossd-compute", daemon=True).start()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        done: Future[T] = Future()
+        self._inbox.put((fn, done))
+        return done.result()
+
+    def _loop(self) -> None:
+        while True:
+            fn, done = self._inbox.get()
+            try:
+                done.set_result(fn())
+            except BaseException as error:  # noqa: BLE001 - handed to the caller
+                done.set_exception(error)

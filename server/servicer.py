@@ -16,6 +16,7 @@ from lossd.v1 import lossd_pb2_grpc as pb_grpc
 from lossd.v1 import tensor_pb2 as tpb
 from lossd.v1.shared import SharedRegion
 
+from . import steps
 from .auth import Authenticator
 from .banks import SharedBank, bank_bytes
 from .calls import log_failure, note, observe_step, rpc_method, rpc_stream
@@ -330,7 +331,7 @@ def decode_state(tensors: dict[str, pb.Tensor]) -> dict[str, torch.Tensor]:
     """State tensors from the wire, checked to be finite."""
     decoded = _decode(codec.decode_tensors, tensors)
     for name, t in decoded.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not steps.all_finite(t):
             raise InvalidArgument(f"Expected state `{name}` to hold finite values, but it "
                                   "holds NaN or Inf.")
     return decoded

@@ -85,7 +85,7 @@ class _TensorHook:
                                   f"but got {t.dtype}.")
         if self.arg.dtype is DType.BOOL and t.dtype != torch.bool:
             raise InvalidArgument(f"Expected `{path}` to be a bool tensor, but got {t.dtype}.")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise InvalidArgument(f"Expected `{path}` to hold finite values, but it holds "
                                   "NaN or Inf.")
         if msg.requires_grad and not t.is_floating_point():
@@ -98,6 +98,13 @@ class _TensorHook:
             t.requires_grad_(True)
             self.inputs.wanted.append(t)
         return t
+
+
+def all_finite(t: Tensor) -> bool:
+    """True if t holds no NaN or Inf. The sum is one fast pass and carries any NaN or Inf;
+    only when it is not finite (which huge finite values can also cause) is every element
+    checked."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
@@ -178,13 +185,20 @@ def _describe(value: Any) -> str:
 
 def run_step(session: Session, inputs: StepInputs, admission: Admission
              ) -> tuple[Any, dict[int, Tensor | None]]:
-    """Forward and backward in one state transaction, once admitted, under the session's
-    lock (and its shared bank's): the state changes only if both succeed.
+    """Forward and backward in one state transaction, on a compute thread once admitted,
+    under the session's lock (and its shared bank's): the state changes only if both
+    succeed.
 
     Returns the forward result and the gradient of each tensor in `inputs.wanted`, by
     `id(tensor)` (None where the loss does not depend on it).
     """
-    with admission.slot(), session.lock, session.bank_lock():
+    result, grads = admission.run(lambda: _locked_step(session, inputs))
+    session.touch()
+    return result, {id(t): g for t, g in zip(inputs.wanted, grads)}
+
+
+def _locked_step(session: Session, inputs: StepInputs) -> tuple[Any, list[Tensor | None]]:
+    with session.lock, session.bank_lock():
         try:
             with state_transaction(session.module, require_finite=True):
                 result = session.module(**inputs.args)
@@ -195,8 +209,7 @@ def run_step(session: Session, inputs: StepInputs, admission: Admission
                                     ) from None
         session.steps += 1
         session.changed()
-    session.touch()
-    return result, {id(t): g for t, g in zip(inputs.wanted, grads)}
+    return result, grads
 
 
 def _check_finite(result: Any) -> None:
