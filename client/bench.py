@@ -64,8 +64,10 @@ class Row:
     def overhead_ms(self, transport: str) -> float:
         return self.remote_ms[transport] - self.local_ms
 
-    def rate_mb_s(self, transport: str) -> float:
-        return self.payload_mb / max(self.overhead_ms(transport) / 1e3, 1e-6)
+    def rate_mb_s(self, transport: str) -> float | None:
+        """MB/s over the overhead; None when the remote step was not slower than local."""
+        overhead = self.overhead_ms(transport)
+        return self.payload_mb / (overhead / 1e3) if overhead > 0 else None
 
 
 def _views(g: torch.Generator, n: int, batch: int, dim: int, grad: bool) -> list[Tensor]:
@@ -258,7 +260,9 @@ def table(rows: list[Row], transports: tuple[str, ...]) -> str:
         line = f"{row.case:<26} {row.payload_mb:8.2f} {row.local_ms:9.2f}"
         for t in transports:
             ratio = row.remote_ms[t] / row.local_ms
-            line += f" {row.remote_ms[t]:10.2f} {ratio:5.2f} {row.rate_mb_s(t):11.0f}"
+            rate = row.rate_mb_s(t)
+            shown = f"{rate:11.0f}" if rate is not None else f"{'(faster)':>11}"
+            line += f" {row.remote_ms[t]:10.2f} {ratio:5.2f} {shown}"
         lines.append(line)
     return "\n".join(lines)
 

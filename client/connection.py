@@ -363,7 +363,7 @@ class LossClient:
             raise InvalidArgumentError(str(error)) from None
         if chunker is None:
             response = self.call("Compute", request, session_id=request.session_id)
-            chunks: Iterator[bytearray] | None = None
+            chunks: Iterator[Tensor] | None = None
         else:
             response, chunks = self._stream_step(request, chunker)
         regions = {lease.region.name: lease.region} if lease and lease.region else None
@@ -427,7 +427,7 @@ class LossClient:
         return lease.region.writer(0, inputs)
 
     def _stream_step(self, request: pb.ComputeRequest, chunker: codec.Chunker
-                     ) -> tuple[pb.ComputeResponse, Iterator[bytearray]]:
+                     ) -> tuple[pb.ComputeResponse, Iterator[Tensor]]:
         route = self._routes.get(request.session_id, request.session_id)
         for attempt in range(self.retries + 1):
             channel = self._stream_for(route)

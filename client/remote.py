@@ -129,9 +129,18 @@ class _ServerGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         scale = grad_output.reshape(())
-        grads = [None if g is None else (g.to(device) * scale.to(device)).to(dtype)
+        # The common `loss.backward()` passes 1: hand the gradients over without a multiply
+        # (a look at the value is free on the CPU, where the server's gradients arrive).
+        unit = scale.device.type == "cpu" and bool(scale == 1)
+        grads = [None if g is None else _scaled(g, scale, unit, device, dtype)
                  for g, (device, dtype) in zip(ctx.grads, ctx.targets)]
         return (None, *grads)
+
+
+def _scaled(grad: Tensor, scale: Tensor, unit: bool, device: torch.device,
+            dtype: torch.dtype) -> Tensor:
+    grad = grad.to(device=device, dtype=dtype)
+    return grad if unit else grad * scale.to(device=device, dtype=dtype)
 
 
 def _check_ranks(world_size: int, rank: int, session_id: str | None) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+from torch import Tensor
 
 from lossd.v1 import codec, stream
 from lossd.v1 import lossd_pb2 as pb
@@ -42,7 +43,7 @@ class ComputeStream:
         self._lock = threading.Lock()
 
     def step(self, request: pb.ComputeRequest, chunker: codec.Chunker
-             ) -> tuple[pb.ComputeResponse, Iterator[bytearray]]:
+             ) -> tuple[pb.ComputeResponse, Iterator[Tensor]]:
         with self._lock:
             for message in stream.frames(pb.StreamMessage(request=request), chunker):
                 self._outgoing.put(message)

@@ -33,7 +33,7 @@ class Computer:
         self.global_batch_timeout_s = global_batch_timeout_s
 
     def compute(self, session: Session, request: pb.ComputeRequest,
-                chunks: Iterator[bytearray] | None = None) -> StepReply:
+                chunks: Iterator[Tensor] | None = None) -> StepReply:
         """The reply to one request; a retried request id gets the first reply.
 
         `chunks` are the assembled chunks of a streamed request; tensors in shared memory
@@ -43,7 +43,7 @@ class Computer:
                                    lambda: self._compute(session, request, chunks))
 
     def _compute(self, session: Session, request: pb.ComputeRequest,
-                 chunks: Iterator[bytearray] | None) -> StepReply:
+                 chunks: Iterator[Tensor] | None) -> StepReply:
         source = codec.Payloads(chunks, session.regions)
         compute_dtype = (None if request.compute_dtype == tpb.DTYPE_UNSPECIFIED
                          else _decode_dtype(request.compute_dtype))

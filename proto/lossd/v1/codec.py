@@ -117,10 +117,10 @@ class Chunker:
 class Payloads:
     """A TensorSource: assembled chunks (in order) and/or shared-memory regions by name."""
 
-    chunks: Iterator[bytearray] | None = None
+    chunks: Iterator[Tensor] | None = None
     regions: Mapping[str, Any] | None = None
 
-    def bytes_of(self, msg: pb.Tensor, nbytes: int, name: str) -> bytes | bytearray | Tensor:
+    def bytes_of(self, msg: pb.Tensor, nbytes: int, name: str) -> Tensor:
         if msg.HasField("shared"):
             region = (self.regions or {}).get(msg.shared.region)
             if region is None:
@@ -186,7 +186,7 @@ def decode_tensor(msg: pb.Tensor, name: str, source: TensorSource | None = None)
                          f"got {len(data)}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    if isinstance(data, Tensor):  # uint8 bytes of a shared region, suitably aligned
+    if isinstance(data, Tensor):  # uint8 bytes (assembled chunks, a shared region), aligned
         return data.view(dtype).reshape(shape)
     with warnings.catch_warnings():
         # frombuffer warns that bytes are immutable; lossd never writes into inputs.

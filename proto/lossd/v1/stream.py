@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from lossd.v1 import codec
 from lossd.v1 import lossd_pb2 as pb
@@ -31,14 +35,15 @@ class Assembler:
 
     def __init__(self) -> None:
         self.message: Any = None
-        self._buffers: list[bytearray] = []
+        self._buffers: list[Tensor] = []
         self._filled: list[int] = []
 
     def start(self, message: Any) -> bool:
         if self.message is not None and not self.complete:
             raise ValueError("a new message started before the chunks of the last one arrived")
         self.message = message
-        self._buffers = [bytearray(n) for n in codec.chunked_sizes(message)]
+        # uint8 tensors rather than bytearrays: no zero-filling of memory about to be written
+        self._buffers = [torch.empty(n, dtype=torch.uint8) for n in codec.chunked_sizes(message)]
         self._filled = [0] * len(self._buffers)
         return self.complete
 
@@ -53,7 +58,11 @@ class Assembler:
         if offset != self._filled[index] or offset + len(data) > len(buffer):
             raise ValueError(f"chunk of tensor {index} at offset {offset} (+{len(data)} bytes) "
                              f"does not continue it at {self._filled[index]} of {len(buffer)}")
-        buffer[offset : offset + len(data)] = data
+        if data:
+            with warnings.catch_warnings():  # read-only bytes, only read here
+                warnings.simplefilter("ignore", UserWarning)
+                piece = torch.frombuffer(data, dtype=torch.uint8)
+            buffer[offset : offset + len(data)].copy_(piece)
         self._filled[index] += len(data)
         return self.complete
 
@@ -62,6 +71,6 @@ class Assembler:
         """True when every chunked tensor has all its bytes."""
         return all(f == len(b) for f, b in zip(self._filled, self._buffers))
 
-    def payloads(self) -> Iterator[bytearray]:
-        """The assembled tensors' bytes, in order."""
+    def payloads(self) -> Iterator[Tensor]:
+        """The assembled tensors' bytes (uint8 tensors), in order."""
         return iter(self._buffers)
