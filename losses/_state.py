@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-Change = Callable[[], None]
+Change = Callable[[], object]  # its return value is ignored
 
 
 class NonFiniteStateError(ValueError):

@@ -35,6 +35,14 @@ def nearest_neighbors(
     return _rows(inputs, keep), _rows(candidates, partner)
 
 
+def _mean(terms: list[Tensor]) -> Tensor:
+    """The mean of the terms, summed in order (as lightly accumulates them)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total / len(terms)
+
+
 def _rows(x: Tensor, index: Tensor) -> Tensor:
     """x (B, N, D) at positions index (B, k) -> (B, k, D)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -102,15 +110,15 @@ class VICRegLLoss(nn.Module):
                  for b in range(len(globals_) + len(locals_)) if a != b]
         views = globals_ + locals_
         global_loss = self._global_loss([g for (g, _), _ in views], pairs)
-        local_loss = sum(self._local_pair_loss(views[a], views[b]) for a, b in pairs) / len(pairs)
+        local_loss = _mean([self._local_pair_loss(views[a], views[b]) for a, b in pairs])
         return (self.alpha * global_loss + (1 - self.alpha) * local_loss).reshape(1)
 
     def _global_loss(self, embeddings: list[Tensor], pairs: list[tuple[int, int]]) -> Tensor:
         """VICReg of the (B, dim) embeddings: invariance over the view pairs, variance and
         covariance averaged over all views."""
-        inv = sum(invariance_loss(embeddings[a], embeddings[b]) for a, b in pairs) / len(pairs)
-        var = sum(variance_loss(g, self.eps) for g in embeddings) / len(embeddings)
-        cov = sum(covariance_loss(g) for g in embeddings) / len(embeddings)
+        inv = _mean([invariance_loss(embeddings[a], embeddings[b]) for a, b in pairs])
+        var = _mean([variance_loss(g, self.eps) for g in embeddings])
+        cov = _mean([covariance_loss(g) for g in embeddings])
         return self.lambda_param * inv + self.mu_param * var + self.nu_param * cov
 
     def _local_pair_loss(self, view_a: tuple[Pair, Tensor], view_b: tuple[Pair, Tensor]) -> Tensor:
