@@ -40,8 +40,9 @@ Inputs = list[Tensor]
 Step = Callable[[Inputs], tuple[Tensor, Sequence[Tensor | None]]]
 
 
-def forward_backward(loss_fn: Callable[[Inputs], Tensor], inputs: Inputs
-                     ) -> tuple[Tensor, Sequence[Tensor | None]]:
+def forward_backward(
+    loss_fn: Callable[[Inputs], Tensor], inputs: Inputs
+) -> tuple[Tensor, Sequence[Tensor | None]]:
     """The loss and its gradient with respect to every input (None where none is asked)."""
     loss = loss_fn(inputs)
     wanted = [x for x in inputs if x.requires_grad]
@@ -88,7 +89,7 @@ class MocoTextbook:
         result = forward_backward(loss_fn, inputs)
         n, b = self.queue.shape[0], self._keys.shape[0]  # enqueue, dropping what does not fit
         fit = min(b, n - self.ptr)
-        self.queue[self.ptr:self.ptr + fit] = self._keys[:fit]
+        self.queue[self.ptr : self.ptr + fit] = self._keys[:fit]
         self.ptr = (self.ptr + fit) % n
         return result
 
@@ -138,22 +139,29 @@ def vicreg_textbook(x: Tensor, y: Tensor) -> Tensor:
 class DinoTextbook:
     """DINO's reference loop over (teacher view, student view) pairs, then the center EMA."""
 
-    def __init__(self, dim: int, n_teacher: int, tau_t: float = 0.04, tau_s: float = 0.1,
-                 momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_teacher: int,
+        tau_t: float = 0.04,
+        tau_s: float = 0.1,
+        momentum: float = 0.9,
+    ) -> None:
         self.center = torch.zeros(1, dim)
         self.n_teacher, self.tau_t, self.tau_s, self.m = n_teacher, tau_t, tau_s, momentum
 
     def step(self, inputs: Inputs) -> tuple[Tensor, Sequence[Tensor | None]]:
         def loss_fn(xs: Inputs) -> Tensor:
-            teacher, student = xs[: self.n_teacher], xs[self.n_teacher:]
+            teacher, student = xs[: self.n_teacher], xs[self.n_teacher :]
             total, terms = torch.zeros(()), 0
             for iq, t in enumerate(teacher):
                 q = F.softmax((t - self.center) / self.tau_t, dim=-1)
                 for v, s in enumerate(student):
                     if v == iq:
                         continue
-                    total = total + torch.sum(-q * F.log_softmax(s / self.tau_s, dim=-1),
-                                              dim=-1).mean()
+                    total = (
+                        total + torch.sum(-q * F.log_softmax(s / self.tau_s, dim=-1), dim=-1).mean()
+                    )
                     terms += 1
             with torch.no_grad():
                 batch_center = torch.cat(teacher).mean(dim=0, keepdim=True)
@@ -193,8 +201,9 @@ def swav_textbook(highs: Inputs, lows: Inputs, tau: float = 0.1) -> Tensor:
     return loss / len(highs)
 
 
-def msn_textbook(anchors: Tensor, targets: Tensor, prototypes: Tensor, tau: float = 0.1,
-                 sharpen: float = 0.25) -> Tensor:
+def msn_textbook(
+    anchors: Tensor, targets: Tensor, prototypes: Tensor, tau: float = 0.1, sharpen: float = 0.25
+) -> Tensor:
     """MSN: anchor assignments vs sharpened, Sinkhorn-balanced targets, plus me-max."""
     a, t, p = (F.normalize(x, dim=1) for x in (anchors, targets, prototypes))
     probs = F.softmax(a @ p.T / tau, dim=1)
@@ -260,15 +269,18 @@ class Bench:
 
 
 def _plain(fn: Callable[[Inputs], Tensor]) -> Callable[[], Step]:
-    return lambda: (lambda xs: forward_backward(fn, xs))
+    return lambda: lambda xs: forward_backward(fn, xs)
 
 
-def _in_transaction(module: torch.nn.Module, fn: Callable[[torch.nn.Module, Inputs], Tensor]
-                    ) -> Step:
+def _in_transaction(
+    module: torch.nn.Module, fn: Callable[[torch.nn.Module, Inputs], Tensor]
+) -> Step:
     """forward + backward inside one state_transaction, as the server runs a step."""
+
     def step(xs: Inputs) -> tuple[Tensor, Sequence[Tensor | None]]:
         with state_transaction(module):
             return forward_backward(lambda ys: fn(module, ys), xs)
+
     return step
 
 
@@ -300,6 +312,7 @@ def benches(quick: bool) -> list[Bench]:
             if transaction:
                 return _in_transaction(module, lambda m, xs: m(*xs))
             return lambda xs: forward_backward(lambda ys: module(*ys), xs)
+
         return make
 
     bt_b, bt_d = n(256), n(2048)
@@ -314,41 +327,83 @@ def benches(quick: bool) -> list[Bench]:
         return _in_transaction(module, lambda m, xs: m(xs[:n_t], xs[n_t:]))
 
     return [
-        Bench("NTXent", f"B={b} D={d}", lambda: [_randn(b, d), _randn(b, d)],
-              _plain(lambda xs: NTXentLoss(temperature=0.5)(*xs)),
-              _plain(lambda xs: ntxent_textbook(xs[0], xs[1], tau=0.5))),
-        Bench("NTXent + bank", f"B={bank_b} D={d} bank={bank_n}",
-              lambda: [_randn(bank_b, d), _randn(bank_b, d)], ntxent_bank(False),
-              lambda: MocoTextbook(bank, 0.2).step),
-        Bench("NTXent + bank (transaction)", f"B={bank_b} D={d} bank={bank_n}",
-              lambda: [_randn(bank_b, d), _randn(bank_b, d)], ntxent_bank(True),
-              lambda: MocoTextbook(bank, 0.2).step),
-        Bench("DCL", f"B={b} D={d}", lambda: [_randn(b, d), _randn(b, d)],
-              _plain(lambda xs: DCLLoss(temperature=0.1)(*xs)),
-              _plain(lambda xs: dcl_textbook(xs[0], xs[1], tau=0.1))),
-        Bench("BarlowTwins", f"B={bt_b} D={bt_d}", lambda: [_randn(bt_b, bt_d), _randn(bt_b, bt_d)],
-              _plain(lambda xs: BarlowTwinsLoss()(*xs)),
-              _plain(lambda xs: barlow_textbook(xs[0], xs[1], lambd=5e-3))),
-        Bench("VICReg", f"B={bt_b} D={bt_d}", lambda: [_randn(bt_b, bt_d), _randn(bt_b, bt_d)],
-              _plain(lambda xs: VICRegLoss()(*xs)), _plain(lambda xs: vicreg_textbook(*xs))),
-        Bench("DINO", f"B={dino_b} D={dino_d} views={n_t}+{n_s}",
-              lambda: [_randn(dino_b, dino_d) for _ in range(n_t + n_s)], dino_lossd,
-              lambda: DinoTextbook(dino_d, n_t).step),
-        Bench("SwaV", f"B={sw_b} K={sw_k} crops={n_high}+{n_low}",
-              lambda: [_scores(sw_b, sw_k) for _ in range(n_high + n_low)],
-              _plain(lambda xs: SwaVLoss()(xs[:n_high], xs[n_high:])),
-              _plain(lambda xs: swav_textbook(xs[:n_high], xs[n_high:]))),
-        Bench("MSN", f"B={msn_b}x{msn_v} D={msn_d} K={msn_k}",
-              lambda: [_randn(msn_v * msn_b, msn_d), torch.randn(msn_b, msn_d),
-                       _randn(msn_k, msn_d)],
-              _plain(lambda xs: MSNLoss()(*xs)),
-              _plain(lambda xs: msn_textbook(xs[0], xs[1], xs[2]))),
-        Bench("TiCo", f"B={tico_b} D={tico_d}", lambda: [_randn(tico_b, tico_d),
-                                                         _randn(tico_b, tico_d)],
-              lambda: _in_transaction(TiCoLoss(), lambda m, xs: m(*xs)),
-              lambda: TicoTextbook().step),
-        Bench("KoLeo", f"B={ko_b} D={ko_d}", lambda: [_randn(ko_b, ko_d)],
-              _plain(lambda xs: KoLeoLoss()(*xs)), _plain(lambda xs: koleo_textbook(xs[0]))),
+        Bench(
+            "NTXent",
+            f"B={b} D={d}",
+            lambda: [_randn(b, d), _randn(b, d)],
+            _plain(lambda xs: NTXentLoss(temperature=0.5)(*xs)),
+            _plain(lambda xs: ntxent_textbook(xs[0], xs[1], tau=0.5)),
+        ),
+        Bench(
+            "NTXent + bank",
+            f"B={bank_b} D={d} bank={bank_n}",
+            lambda: [_randn(bank_b, d), _randn(bank_b, d)],
+            ntxent_bank(False),
+            lambda: MocoTextbook(bank, 0.2).step,
+        ),
+        Bench(
+            "NTXent + bank (transaction)",
+            f"B={bank_b} D={d} bank={bank_n}",
+            lambda: [_randn(bank_b, d), _randn(bank_b, d)],
+            ntxent_bank(True),
+            lambda: MocoTextbook(bank, 0.2).step,
+        ),
+        Bench(
+            "DCL",
+            f"B={b} D={d}",
+            lambda: [_randn(b, d), _randn(b, d)],
+            _plain(lambda xs: DCLLoss(temperature=0.1)(*xs)),
+            _plain(lambda xs: dcl_textbook(xs[0], xs[1], tau=0.1)),
+        ),
+        Bench(
+            "BarlowTwins",
+            f"B={bt_b} D={bt_d}",
+            lambda: [_randn(bt_b, bt_d), _randn(bt_b, bt_d)],
+            _plain(lambda xs: BarlowTwinsLoss()(*xs)),
+            _plain(lambda xs: barlow_textbook(xs[0], xs[1], lambd=5e-3)),
+        ),
+        Bench(
+            "VICReg",
+            f"B={bt_b} D={bt_d}",
+            lambda: [_randn(bt_b, bt_d), _randn(bt_b, bt_d)],
+            _plain(lambda xs: VICRegLoss()(*xs)),
+            _plain(lambda xs: vicreg_textbook(*xs)),
+        ),
+        Bench(
+            "DINO",
+            f"B={dino_b} D={dino_d} views={n_t}+{n_s}",
+            lambda: [_randn(dino_b, dino_d) for _ in range(n_t + n_s)],
+            dino_lossd,
+            lambda: DinoTextbook(dino_d, n_t).step,
+        ),
+        Bench(
+            "SwaV",
+            f"B={sw_b} K={sw_k} crops={n_high}+{n_low}",
+            lambda: [_scores(sw_b, sw_k) for _ in range(n_high + n_low)],
+            _plain(lambda xs: SwaVLoss()(xs[:n_high], xs[n_high:])),
+            _plain(lambda xs: swav_textbook(xs[:n_high], xs[n_high:])),
+        ),
+        Bench(
+            "MSN",
+            f"B={msn_b}x{msn_v} D={msn_d} K={msn_k}",
+            lambda: [_randn(msn_v * msn_b, msn_d), torch.randn(msn_b, msn_d), _randn(msn_k, msn_d)],
+            _plain(lambda xs: MSNLoss()(*xs)),
+            _plain(lambda xs: msn_textbook(xs[0], xs[1], xs[2])),
+        ),
+        Bench(
+            "TiCo",
+            f"B={tico_b} D={tico_d}",
+            lambda: [_randn(tico_b, tico_d), _randn(tico_b, tico_d)],
+            lambda: _in_transaction(TiCoLoss(), lambda m, xs: m(*xs)),
+            lambda: TicoTextbook().step,
+        ),
+        Bench(
+            "KoLeo",
+            f"B={ko_b} D={ko_d}",
+            lambda: [_randn(ko_b, ko_d)],
+            _plain(lambda xs: KoLeoLoss()(*xs)),
+            _plain(lambda xs: koleo_textbook(xs[0])),
+        ),
     ]
 
 
@@ -364,8 +419,13 @@ def check_agreement(bench: Bench, steps: int = 2) -> str:
         inputs = bench.inputs()
         value, grads = lossd_step(inputs)
         ref_value, ref_grads = textbook_step(inputs)
-        torch.testing.assert_close(value.reshape(()), ref_value.reshape(()), rtol=1e-4,
-                                   atol=1e-5, msg=lambda m: f"{bench.name}: loss: {m}")
+        torch.testing.assert_close(
+            value.reshape(()),
+            ref_value.reshape(()),
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m: f"{bench.name}: loss: {m}",
+        )
         for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
             if r is None:
                 assert g is None or not g.abs().any(), f"{bench.name}: grad {i}"
@@ -373,8 +433,9 @@ def check_agreement(bench: Bench, steps: int = 2) -> str:
             assert g is not None, f"{bench.name}: no gradient for input {i}"
             scale = r.abs().max().item()
             where = f"{bench.name}: grad {i}"
-            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5 * max(scale, 1e-3),
-                                       msg=lambda m: f"{where}: {m}")  # noqa: B023
+            torch.testing.assert_close(
+                g, r, rtol=1e-3, atol=1e-5 * max(scale, 1e-3), msg=lambda m, w=where: f"{w}: {m}"
+            )
             worst = max(worst, ((g - r).abs().max() / max(scale, 1e-12)).item())
     return f"{worst:.1e}"
 
@@ -408,10 +469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(0)
     rows = [b for b in benches(args.quick) if args.only.lower() in b.name.lower()]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU; "
-          f"median of {args.repeats} forward+backward steps")
-    header = (f"{'loss':<28} {'size':<30} {'lossd ms':>9} {'textbook ms':>12} {'ratio':>6} "
-              f"{'ratio min':>10} {'max grad diff':>14}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU; "
+        f"median of {args.repeats} forward+backward steps"
+    )
+    header = (
+        f"{'loss':<28} {'size':<30} {'lossd ms':>9} {'textbook ms':>12} {'ratio':>6} "
+        f"{'ratio min':>10} {'max grad diff':>14}"
+    )
     print(header)
     print("-" * len(header))
     for bench in rows:
@@ -419,11 +484,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         times = time_pair(bench, args.repeats)
         ours, theirs = statistics.median(times["lossd"]), statistics.median(times["textbook"])
         best = min(times["lossd"]) / min(times["textbook"])
-        print(f"{bench.name:<28} {bench.size:<30} {ours * 1e3:>9.1f} {theirs * 1e3:>12.1f} "
-              f"{ours / theirs:>6.2f} {best:>10.2f} {agreement:>14}", flush=True)
-    print("ratio = lossd / textbook of the medians (< 1: lossd faster); ratio min = the same "
-          "of the fastest runs (steadier on a busy machine); max grad diff is relative to the "
-          "largest gradient entry")
+        print(
+            f"{bench.name:<28} {bench.size:<30} {ours * 1e3:>9.1f} {theirs * 1e3:>12.1f} "
+            f"{ours / theirs:>6.2f} {best:>10.2f} {agreement:>14}",
+            flush=True,
+        )
+    print(
+        "ratio = lossd / textbook of the medians (< 1: lossd faster); ratio min = the same "
+        "of the fastest runs (steadier on a busy machine); max grad diff is relative to the "
+        "largest gradient entry"
+    )
     return 0
 
 

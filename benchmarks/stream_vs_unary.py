@@ -31,9 +31,21 @@ def free_port() -> int:
 
 
 def start_server(port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--host", "127.0.0.1",
-                               "--port", str(port), "--log-level", "WARNING"],
-                              stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lossd.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     with LossClient(f"127.0.0.1:{port}", retries=20) as client:
         client.list_losses()  # waits until it answers
     return server
@@ -59,8 +71,10 @@ def main() -> None:
     port = free_port()
     server = start_server(port)
     try:
-        print(f"{'step':>8} {'transport':>9} {'local ms':>9} {'remote ms':>10} "
-              f"{'overhead ms':>12} {'MB/s':>7}")
+        print(
+            f"{'step':>8} {'transport':>9} {'local ms':>9} {'remote ms':>10} "
+            f"{'overhead ms':>12} {'MB/s':>7}"
+        )
         for label, total in (("256 KB", 256 * 1024), ("64 MB", 64 * 1024 * 1024)):
             numel = total // 2 // 4
             local = time_steps(NegativeCosineSimilarity(), numel, args.repeats)
@@ -70,9 +84,11 @@ def main() -> None:
                     remote = time_steps(loss, numel, args.repeats)
                 moved = 2 * total / 1e6  # inputs out, gradients back
                 overhead = remote - local
-                print(f"{label:>8} {'stream' if stream else 'unary':>9} {local * 1e3:9.1f} "
-                      f"{remote * 1e3:10.1f} {overhead * 1e3:12.1f} "
-                      f"{moved / max(overhead, 1e-9):7.0f}")
+                print(
+                    f"{label:>8} {'stream' if stream else 'unary':>9} {local * 1e3:9.1f} "
+                    f"{remote * 1e3:10.1f} {overhead * 1e3:12.1f} "
+                    f"{moved / max(overhead, 1e-9):7.0f}"
+                )
     finally:
         server.terminate()
         server.wait()

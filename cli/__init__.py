@@ -14,12 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lossd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the loss server",
-                                description="Serve lossd.v1.LossService over gRPC.")
+    serve = commands.add_parser(
+        "serve", help="run the loss server", description="Serve lossd.v1.LossService over gRPC."
+    )
     serve_cli.add_arguments(serve)
     serve.set_defaults(run=serve_cli.run)
-    timing = commands.add_parser("bench", help="time remote steps against in-process ones",
-                                 description=bench.__doc__)
+    timing = commands.add_parser(
+        "bench", help="time remote steps against in-process ones", description=bench.__doc__
+    )
     bench.add_arguments(timing)
     timing.set_defaults(run=bench.run)
     return parser

@@ -76,22 +76,31 @@ def _views(g: torch.Generator, n: int, batch: int, dim: int, grad: bool) -> list
 
 def _pair(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
     def make(g: torch.Generator) -> Args:
-        return {"out0": torch.randn(batch, dim, generator=g, requires_grad=True),
-                "out1": torch.randn(batch, dim, generator=g, requires_grad=True)}
+        return {
+            "out0": torch.randn(batch, dim, generator=g, requires_grad=True),
+            "out1": torch.randn(batch, dim, generator=g, requires_grad=True),
+        }
+
     return make
 
 
 def _dino(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
     def make(g: torch.Generator) -> Args:  # teacher outputs come without gradients
-        return {"teacher_out": _views(g, 2, batch, dim, False),
-                "student_out": _views(g, 2, batch, dim, True)}
+        return {
+            "teacher_out": _views(g, 2, batch, dim, False),
+            "student_out": _views(g, 2, batch, dim, True),
+        }
+
     return make
 
 
 def _swav(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
     def make(g: torch.Generator) -> Args:
-        return {"high_resolution_outputs": _views(g, 2, batch, dim, True),
-                "low_resolution_outputs": _views(g, 2, batch, dim, True)}
+        return {
+            "high_resolution_outputs": _views(g, 2, batch, dim, True),
+            "low_resolution_outputs": _views(g, 2, batch, dim, True),
+        }
+
     return make
 
 
@@ -99,6 +108,7 @@ def _vicreg(batch: int, dim: int) -> Callable[[torch.Generator], Args]:
     def make(g: torch.Generator) -> Args:
         z_a, z_b = _views(g, 2, batch, dim, True)
         return {"z_a": z_a, "z_b": z_b}
+
     return make
 
 
@@ -110,16 +120,26 @@ def cases(quick: bool) -> list[Case]:
         tag = f"{batch}x{dim}"
         found += [
             Case(f"NTXent {tag}", "NTXentLoss", {}, _pair(batch, dim)),
-            Case(f"NTXent+bank {tag}", "NTXentLoss", {"memory_bank_size": [4096, dim]},
-                 _pair(batch, dim)),
+            Case(
+                f"NTXent+bank {tag}",
+                "NTXentLoss",
+                {"memory_bank_size": [4096, dim]},
+                _pair(batch, dim),
+            ),
             Case(f"DINO {tag}", "DINOLoss", {"output_dim": dim}, _dino(batch, dim)),
             Case(f"SwaV {tag}", "SwaVLoss", {}, _swav(batch, dim)),
             Case(f"VICReg {tag}", "VICRegLoss", {}, _vicreg(batch, dim)),
         ]
     batch, dim = (32, 2048) if quick else (256, 16384)
     megabytes = 4 * batch * dim * 4 / 2**20
-    found.append(Case(f"DINO {batch}x{dim} ({megabytes:.0f} MB)", "DINOLoss",
-                      {"output_dim": dim}, _dino(batch, dim)))
+    found.append(
+        Case(
+            f"DINO {batch}x{dim} ({megabytes:.0f} MB)",
+            "DINOLoss",
+            {"output_dim": dim},
+            _dino(batch, dim),
+        )
+    )
     return found
 
 
@@ -173,12 +193,14 @@ def time_steps(loss: torch.nn.Module, args: Args, repeats: int) -> float:
 
 
 def client_for(target: str, transport: str, **options: Any) -> LossClient:
-    return LossClient(target, stream=transport == "stream", shared_memory=transport == "shm",
-                      **options)
+    return LossClient(
+        target, stream=transport == "stream", shared_memory=transport == "shm", **options
+    )
 
 
-def measure(target: str, case: Case, transports: tuple[str, ...], repeats: int,
-            device: str = "cpu") -> Row:
+def measure(
+    target: str, case: Case, transports: tuple[str, ...], repeats: int, device: str = "cpu"
+) -> Row:
     """One case: in process (on `device`), then over each transport, in one run."""
     args = case.args(device=device)
     local = registry.get(case.loss).cls(**case.config).to(device)
@@ -192,6 +214,7 @@ def measure(target: str, case: Case, transports: tuple[str, ...], repeats: int,
 
 
 # -- throughput with several clients -----------------------------------------------------
+
 
 def _client_worker(target: str, seconds: float, start_at: float, results: Any) -> None:
     torch.set_num_threads(1)
@@ -213,8 +236,10 @@ def throughput(target: str, clients: int, seconds: float) -> float:
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     start_at = time.time() + 8  # time for the processes to import torch and warm up
-    procs = [ctx.Process(target=_client_worker, args=(target, seconds, start_at, results))
-             for _ in range(clients)]
+    procs = [
+        ctx.Process(target=_client_worker, args=(target, seconds, start_at, results))
+        for _ in range(clients)
+    ]
     for p in procs:
         p.start()
     total = sum(results.get(timeout=seconds + 120) for _ in procs)
@@ -225,13 +250,17 @@ def throughput(target: str, clients: int, seconds: float) -> float:
 
 # -- accuracy of half precision on the wire ----------------------------------------------
 
+
 def wire_accuracy(target: str, case: Case) -> dict[str, dict[str, float]]:
     """Relative error of the loss and of the gradients with float16/bfloat16 on the wire
     (against float32 on the wire), and the step time of each."""
     out: dict[str, dict[str, float]] = {}
     reference: tuple[Tensor, list[Any]] | None = None
-    for name, dtype in (("float32", None), ("float16", torch.float16),
-                        ("bfloat16", torch.bfloat16)):
+    for name, dtype in (
+        ("float32", None),
+        ("float16", torch.float16),
+        ("bfloat16", torch.bfloat16),
+    ):
         args = case.args()
         with LossClient(target, wire_dtype=dtype) as client:
             remote = client.loss(case.loss, **case.config)
@@ -250,6 +279,7 @@ def wire_accuracy(target: str, case: Case) -> dict[str, dict[str, float]]:
 
 
 # -- output ------------------------------------------------------------------------------
+
 
 def table(rows: list[Row], transports: tuple[str, ...]) -> str:
     header = f"{'case':<26} {'MB/step':>8} {'local ms':>9}"
@@ -281,8 +311,13 @@ def plot(rows: list[Row], transports: tuple[str, ...], path: Path) -> bool:
     ax.scatter(sizes, [r.local_ms for r in rows], label="in process", marker="o")
     for t, marker in zip(transports, "s^D"):
         ax.scatter(sizes, [r.remote_ms[t] for r in rows], label=t, marker=marker)
-    ax.set(xscale="log", yscale="log", xlabel="MB sent + received per step",
-           ylabel="forward+backward ms (median)", title="lossd step time vs payload")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="MB sent + received per step",
+        ylabel="forward+backward ms (median)",
+        title="lossd step time vs payload",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -292,8 +327,12 @@ def plot(rows: list[Row], transports: tuple[str, ...], path: Path) -> bool:
 
 
 def machine() -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "platform": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -308,9 +347,25 @@ def local_server(device: str) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lossd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--state-dir", "", "--shared-memory", "--device", device, "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "lossd.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state-dir",
+            "",
+            "--shared-memory",
+            "--device",
+            device,
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     target = f"127.0.0.1:{port}"
     try:
         with LossClient(target, retries=30) as client:
@@ -322,21 +377,40 @@ def local_server(device: str) -> Iterator[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", help="host:port of a running server (default: start one "
-                                         "here, with shared memory on)")
+    parser.add_argument(
+        "--server",
+        help="host:port of a running server (default: start one here, with shared memory on)",
+    )
     parser.add_argument("--device", default="auto", help="device of the started server")
-    parser.add_argument("--local-device", default="cpu",
-                        help="where the trainer's tensors (and the in-process baseline) live, "
-                             "e.g. cuda (default: %(default)s)")
+    parser.add_argument(
+        "--local-device",
+        default="cpu",
+        help="where the trainer's tensors (and the in-process baseline) live, "
+        "e.g. cuda (default: %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="small cases, a few seconds")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per measurement (default: 15, 3 with --quick)")
-    parser.add_argument("--transports", default=",".join(TRANSPORTS),
-                        help="comma-separated subset of unary,stream,shm")
-    parser.add_argument("--out", default="bench-results", metavar="DIR",
-                        help="where bench.json and bench.png go (default: %(default)s)")
-    parser.add_argument("--no-extras", action="store_true",
-                        help="skip the throughput and wire-precision measurements")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per measurement (default: 15, 3 with --quick)",
+    )
+    parser.add_argument(
+        "--transports",
+        default=",".join(TRANSPORTS),
+        help="comma-separated subset of unary,stream,shm",
+    )
+    parser.add_argument(
+        "--out",
+        default="bench-results",
+        metavar="DIR",
+        help="where bench.json and bench.png go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="skip the throughput and wire-precision measurements",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,21 +429,32 @@ def run(args: argparse.Namespace) -> int:
             print("throughput: 1 and 4 clients ...", file=sys.stderr, flush=True)
             seconds = 2.0 if args.quick else 8.0
             one, four = throughput(target, 1, seconds), throughput(target, 4, seconds)
-            extras["throughput"] = {"1 client steps/s": one, "4 clients steps/s": four,
-                                    "ratio": four / one}
+            extras["throughput"] = {
+                "1 client steps/s": one,
+                "4 clients steps/s": four,
+                "ratio": four / one,
+            }
             print("wire precision ...", file=sys.stderr, flush=True)
-            extras["wire_precision"] = {c.name: wire_accuracy(target, c)
-                                        for c in (chosen[0], chosen[-1])}
+            extras["wire_precision"] = {
+                c.name: wire_accuracy(target, c) for c in (chosen[0], chosen[-1])
+            }
     print(table(rows, transports))
     for name, value in extras.items():
         print(f"\n{name}: {json.dumps(value, indent=2)}")
-    report = {"machine": machine(), "local_device": args.local_device,
-              "transports": transports, "repeats": repeats,
-              "rows": [asdict(r) for r in rows], **extras}
+    report = {
+        "machine": machine(),
+        "local_device": args.local_device,
+        "transports": transports,
+        "repeats": repeats,
+        "rows": [asdict(r) for r in rows],
+        **extras,
+    }
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     drew = plot(rows, transports, out / "bench.png")
-    print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if drew else
-                                              " (no plot: matplotlib is not installed)"))
+    print(
+        f"\nwrote {out / 'bench.json'}"
+        + (f" and {out / 'bench.png'}" if drew else " (no plot: matplotlib is not installed)")
+    )
     return 0
 
 

@@ -32,9 +32,21 @@ DEFAULT_TARGET = "localhost:50051"
 ROUTE_HEADER = "x-lossd-route"
 # Calls that are safe to repeat after a lost reply: reads, creates with a client-chosen
 # name, and Compute, whose request id makes a repeat return the first answer.
-_RETRIED = {"ListLosses", "CreateSession", "GetSession", "ListSessions", "Compute",
-            "GetState", "SetState", "CreateBank", "GetBank", "ListBanks", "GetBankState",
-            "SetBankState", "Snapshot"}
+_RETRIED = {
+    "ListLosses",
+    "CreateSession",
+    "GetSession",
+    "ListSessions",
+    "Compute",
+    "GetState",
+    "SetState",
+    "CreateBank",
+    "GetBank",
+    "ListBanks",
+    "GetBankState",
+    "SetBankState",
+    "Snapshot",
+}
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -61,9 +73,15 @@ class SessionInfo:
     @classmethod
     def from_message(cls, msg: pb.Session) -> SessionInfo:
         return cls(
-            session_id=msg.session_id, loss=msg.loss, config=codec.decode_values(msg.config),
-            device=msg.device, steps=msg.steps, created_at=msg.created_at,
-            last_used_at=msg.last_used_at, created=msg.created, state_bytes=msg.state_bytes,
+            session_id=msg.session_id,
+            loss=msg.loss,
+            config=codec.decode_values(msg.config),
+            device=msg.device,
+            steps=msg.steps,
+            created_at=msg.created_at,
+            last_used_at=msg.last_used_at,
+            created=msg.created,
+            state_bytes=msg.state_bytes,
             shared_bank=msg.shared_bank,
         )
 
@@ -84,10 +102,17 @@ class BankInfo:
 
     @classmethod
     def from_message(cls, msg: pb.Bank) -> BankInfo:
-        return cls(name=msg.name, num_features=msg.num_features, dim=msg.dim,
-                   dtype=codec.torch_dtype(msg.dtype), device=msg.device, pointer=msg.pointer,
-                   rows_written=msg.rows_written, sessions=tuple(msg.sessions),
-                   created=msg.created)
+        return cls(
+            name=msg.name,
+            num_features=msg.num_features,
+            dim=msg.dim,
+            dtype=codec.torch_dtype(msg.dtype),
+            device=msg.device,
+            pointer=msg.pointer,
+            rows_written=msg.rows_written,
+            sessions=tuple(msg.sessions),
+            created=msg.created,
+        )
 
 
 @dataclass(frozen=True)
@@ -163,8 +188,10 @@ class LossClient:
         self.stream = stream
         self.shared_memory = shared_memory
         if wire_dtype not in (None, torch.float16, torch.bfloat16):
-            raise InvalidArgumentError(f"Expected `wire_dtype` to be torch.float16 or "
-                                       f"torch.bfloat16, but got {wire_dtype}.")
+            raise InvalidArgumentError(
+                f"Expected `wire_dtype` to be torch.float16 or "
+                f"torch.bfloat16, but got {wire_dtype}."
+            )
         self.wire_dtype = wire_dtype
         self.retries = retries
         self.chunk_bytes = int(chunk_mb * 2**20)
@@ -181,7 +208,8 @@ class LossClient:
             self._channel = grpc.insecure_channel(self.target, channel_options)
         self._stub = pb_grpc.LossServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ())
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         self._routes: dict[str, str] = {}  # session id -> routing key, where not the id
         self._streams: dict[str, ComputeStream] = {}
         self._streams_lock = threading.Lock()
@@ -215,16 +243,30 @@ class LossClient:
     def list_losses(self) -> list[LossInfo]:
         """The server's catalog."""
         response = self.call("ListLosses", pb.ListLossesRequest())
-        return [LossInfo(name=info.name, defaults=codec.decode_values(info.defaults),
-                         required=tuple(info.required), args=tuple(a.name for a in info.args),
-                         state=tuple(info.state), doc=info.doc)
-                for info in response.losses]
+        return [
+            LossInfo(
+                name=info.name,
+                defaults=codec.decode_values(info.defaults),
+                required=tuple(info.required),
+                args=tuple(a.name for a in info.args),
+                state=tuple(info.state),
+                doc=info.doc,
+            )
+            for info in response.losses
+        ]
 
-    def create_session(self, loss: str, *, session_id: str | None = None,
-                       seed: int | None = None, device: str | None = None,
-                       shared_bank: str | None = None,
-                       shared_bank_dtype: torch.dtype | None = None,
-                       attach_only: bool = False, **config: Any) -> SessionInfo:
+    def create_session(
+        self,
+        loss: str,
+        *,
+        session_id: str | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        shared_bank: str | None = None,
+        shared_bank_dtype: torch.dtype | None = None,
+        attach_only: bool = False,
+        **config: Any,
+    ) -> SessionInfo:
         """Create a session of `loss` with constructor `config`, or attach to `session_id`.
 
         Without `session_id` the client picks a fresh one, so that even the creating call
@@ -233,9 +275,13 @@ class LossClient:
         SessionNotFoundError instead of a new session when `session_id` does not exist.
         """
         session_id = session_id or uuid.uuid4().hex
-        request = pb.CreateSessionRequest(loss=loss, session_id=session_id, device=device or "",
-                                          shared_bank=shared_bank or "",
-                                          attach_only=attach_only)
+        request = pb.CreateSessionRequest(
+            loss=loss,
+            session_id=session_id,
+            device=device or "",
+            shared_bank=shared_bank or "",
+            attach_only=attach_only,
+        )
         if seed is not None:
             request.seed = seed
         if shared_bank_dtype is not None:
@@ -261,13 +307,15 @@ class LossClient:
 
     def delete_session(self, session_id: str) -> None:
         """Delete a session and its state; SessionNotFoundError if it does not exist."""
-        self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id),
-                  session_id=session_id)
+        self.call(
+            "DeleteSession", pb.DeleteSessionRequest(session_id=session_id), session_id=session_id
+        )
 
     def get_state(self, session_id: str) -> dict[str, Tensor]:
         """The session's state tensors under lightly's names."""
-        response = self.call("GetState", pb.GetStateRequest(session_id=session_id),
-                             session_id=session_id)
+        response = self.call(
+            "GetState", pb.GetStateRequest(session_id=session_id), session_id=session_id
+        )
         return _owned(codec.decode_tensors(response.tensors))
 
     def set_state(self, session_id: str, tensors: dict[str, Tensor]) -> None:
@@ -276,10 +324,19 @@ class LossClient:
         codec.encode_tensors(tensors, request.tensors)
         self.call("SetState", request, session_id=session_id)
 
-    def loss(self, name: str, *, session_id: str | None = None, seed: int | None = None,
-             device: str | None = None, shared_bank: str | None = None,
-             world_size: int = 1, rank: int = 0, attach_only: bool = False,
-             **config: Any) -> Any:
+    def loss(
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        shared_bank: str | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+        attach_only: bool = False,
+        **config: Any,
+    ) -> Any:
         """A remote `nn.Module` of loss `name`: same forward as the in-process class.
 
         Args:
@@ -297,32 +354,53 @@ class LossClient:
         """
         from .remote import RemoteLoss
 
-        return RemoteLoss(self, name, session_id=session_id, seed=seed, device=device,
-                          shared_bank=shared_bank, world_size=world_size, rank=rank,
-                          attach_only=attach_only, config=config)
+        return RemoteLoss(
+            self,
+            name,
+            session_id=session_id,
+            seed=seed,
+            device=device,
+            shared_bank=shared_bank,
+            world_size=world_size,
+            rank=rank,
+            attach_only=attach_only,
+            config=config,
+        )
 
     # -- shared banks ----------------------------------------------------------------------
 
-    def create_bank(self, name: str, num_features: int, dim: int, *,
-                    dtype: torch.dtype = torch.float32, seed: int | None = None,
-                    device: str | None = None) -> BankInfo:
+    def create_bank(
+        self,
+        name: str,
+        num_features: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        seed: int | None = None,
+        device: str | None = None,
+    ) -> BankInfo:
         """Create a shared bank of random unit rows, or return the existing one of the same
         shape and dtype (AlreadyExistsError for another)."""
-        request = pb.CreateBankRequest(name=name, num_features=num_features, dim=dim,
-                                       dtype=codec.wire_dtype(dtype), device=device or "")
+        request = pb.CreateBankRequest(
+            name=name,
+            num_features=num_features,
+            dim=dim,
+            dtype=codec.wire_dtype(dtype),
+            device=device or "",
+        )
         if seed is not None:
             request.seed = seed
         return BankInfo.from_message(self.call("CreateBank", request, route=name))
 
     def get_bank(self, name: str) -> BankInfo:
         """Size, pointer, rows written and attached sessions of a bank."""
-        return BankInfo.from_message(
-            self.call("GetBank", pb.GetBankRequest(name=name), route=name))
+        return BankInfo.from_message(self.call("GetBank", pb.GetBankRequest(name=name), route=name))
 
     def list_banks(self) -> list[BankInfo]:
         """All shared banks on the server."""
-        return [BankInfo.from_message(b)
-                for b in self.call("ListBanks", pb.ListBanksRequest()).banks]
+        return [
+            BankInfo.from_message(b) for b in self.call("ListBanks", pb.ListBanksRequest()).banks
+        ]
 
     def delete_bank(self, name: str) -> None:
         """Delete a bank no session is attached to."""
@@ -347,8 +425,9 @@ class LossClient:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def step(self, request: pb.ComputeRequest, args: dict[str, Any],
-             wanted: set[int]) -> StepResult:
+    def step(
+        self, request: pb.ComputeRequest, args: dict[str, Any], wanted: set[int]
+    ) -> StepResult:
         """Run one step: `args` are encoded into `request` (tensors whose id is in `wanted`
         ask for gradients), sent over shared memory, the stream or as one Compute, and the
         answer decoded (`input_ref`s resolve to the objects in `args`)."""
@@ -357,8 +436,9 @@ class LossClient:
         chunker = codec.Chunker(self.chunk_bytes) if self.stream else None
         sink = codec.Sinks(self._shared_sink(lease, request, sent, sent_wanted), chunker)
         try:
-            codec.encode_values(sent, request.args, wants_grad=lambda t: id(t) in sent_wanted,
-                                sink=sink)
+            codec.encode_values(
+                sent, request.args, wants_grad=lambda t: id(t) in sent_wanted, sink=sink
+            )
         except ValueError as error:
             raise InvalidArgumentError(str(error)) from None
         if chunker is None:
@@ -374,8 +454,9 @@ class LossClient:
             result, grads = _owned_tree(result, args), _owned_tree(grads, args)
         return StepResult(result, grads, response.steps)
 
-    def _on_the_wire(self, args: dict[str, Any], wanted: set[int], request: pb.ComputeRequest
-                     ) -> tuple[dict[str, Any], set[int]]:
+    def _on_the_wire(
+        self, args: dict[str, Any], wanted: set[int], request: pb.ComputeRequest
+    ) -> tuple[dict[str, Any], set[int]]:
         """The arguments as sent: float32 tensors cast to the wire dtype, if one is set
         (then the server is told to compute in float32). Returns them and the ids of the
         sent tensors that want gradients."""
@@ -392,8 +473,7 @@ class LossClient:
         request.compute_dtype = codec.wire_dtype(torch.float32)  # type: ignore[assignment]
         return {k: _map_tensors(cast, v) for k, v in args.items()}, sent_wanted
 
-    def _lease(self, session_id: str, args: dict[str, Any], wanted: set[int]
-               ) -> MemoryLease | None:
+    def _lease(self, session_id: str, args: dict[str, Any], wanted: set[int]) -> MemoryLease | None:
         """The session's shared-memory lease, large enough for this step (None: wire)."""
         if not self.shared_memory:
             return None
@@ -402,21 +482,27 @@ class LossClient:
         try:
             if lease is ...:
                 route = self._routes.get(session_id, session_id)
-                lease = MemoryLease(self._stub, self._call_metadata(route), session_id,
-                                    inputs + outputs)
+                lease = MemoryLease(
+                    self._stub, self._call_metadata(route), session_id, inputs + outputs
+                )
                 self._leases[session_id] = lease
             elif lease is not None:
                 lease.ensure(inputs + outputs)
         except (grpc.RpcError, OSError) as error:
             detail = error.details() if isinstance(error, grpc.Call) else str(error)
-            log.warning("shared memory unavailable for session %s (%s); using the wire",
-                        session_id, detail)
+            log.warning(
+                "shared memory unavailable for session %s (%s); using the wire", session_id, detail
+            )
             self._leases[session_id] = lease = None
         return lease
 
     @staticmethod
-    def _shared_sink(lease: MemoryLease | None, request: pb.ComputeRequest,
-                     args: dict[str, Any], wanted: set[int]) -> codec.TensorSink | None:
+    def _shared_sink(
+        lease: MemoryLease | None,
+        request: pb.ComputeRequest,
+        args: dict[str, Any],
+        wanted: set[int],
+    ) -> codec.TensorSink | None:
         """Inputs go to the start of the region; the server may answer after them."""
         if lease is None or lease.region is None:
             return None
@@ -426,16 +512,18 @@ class LossClient:
         request.shared_output_capacity = lease.region.size - inputs
         return lease.region.writer(0, inputs)
 
-    def _stream_step(self, request: pb.ComputeRequest, chunker: codec.Chunker
-                     ) -> tuple[pb.ComputeResponse, Iterator[Tensor]]:
+    def _stream_step(
+        self, request: pb.ComputeRequest, chunker: codec.Chunker
+    ) -> tuple[pb.ComputeResponse, Iterator[Tensor]]:
         route = self._routes.get(request.session_id, request.session_id)
         for attempt in range(self.retries + 1):
             channel = self._stream_for(route)
             try:
                 return channel.step(request, chunker)
             except StepFailed as failed:
-                raise from_status(failed.code, failed.message, self.target,
-                                  request.session_id) from None
+                raise from_status(
+                    failed.code, failed.message, self.target, request.session_id
+                ) from None
             except grpc.RpcError as error:
                 # Failed steps come back as StepError messages; an RpcError means the
                 # stream itself broke (a restart, an idle stream reset by a proxy): open a
@@ -463,8 +551,15 @@ class LossClient:
 
     # -- the one call wrapper --------------------------------------------------------------
 
-    def call(self, method: str, request: Any, *, session_id: str = "", route: str | None = None,
-             timeout: float | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        session_id: str = "",
+        route: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Invoke RPC `method`; a failure raises the matching LossdError, never a grpc error.
 
         Calls about a session carry the routing header (`x-lossd-route`): the session id,
@@ -479,7 +574,8 @@ class LossClient:
         for attempt in range(attempts):
             try:
                 return getattr(self._stub, method)(
-                    request, timeout=timeout or self.timeout, metadata=metadata)
+                    request, timeout=timeout or self.timeout, metadata=metadata
+                )
             except grpc.RpcError as error:
                 if not _retryable(error) or attempt == attempts - 1:
                     raise from_rpc_error(error, self.target, session_id) from None
@@ -497,9 +593,13 @@ def _retryable(error: grpc.RpcError) -> bool:
 def _fatal(error: grpc.RpcError) -> bool:
     """Stream failures that a new stream would meet again."""
     return isinstance(error, grpc.Call) and error.code() in (
-        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
 
 
 def _backoff(attempt: int) -> None:
@@ -538,4 +638,3 @@ def _shared_sizes(args: dict[str, Any], wanted: set[int]) -> tuple[int, int]:
 def _owned(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Copies that own their memory (decoded tensors view the message's bytes)."""
     return {k: t.clone() for k, t in tensors.items()}
-

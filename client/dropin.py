@@ -32,11 +32,21 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
     """The remote twin of one loss class."""
     constructor = spec.constructor
 
-    def __init__(self: RemoteLoss, *args: Any, server: str | None = None,
-                 client: LossClient | None = None, session_id: str | None = None,
-                 token: str | None = None, seed: int | None = None, device: str | None = None,
-                 shared_bank: str | None = None, world_size: int = 1, rank: int = 0,
-                 attach_only: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self: RemoteLoss,
+        *args: Any,
+        server: str | None = None,
+        client: LossClient | None = None,
+        session_id: str | None = None,
+        token: str | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        shared_bank: str | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+        attach_only: bool = False,
+        **kwargs: Any,
+    ) -> None:
         try:
             config = dict(constructor.bind(*args, **kwargs).arguments)
         except TypeError as error:
@@ -44,9 +54,19 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
         owned = client is None
         connection = LossClient(server, token=token) if client is None else client
         try:
-            RemoteLoss.__init__(self, connection, spec.name, session_id=session_id, seed=seed,
-                                device=device, shared_bank=shared_bank, world_size=world_size,
-                                rank=rank, attach_only=attach_only, config=config)
+            RemoteLoss.__init__(
+                self,
+                connection,
+                spec.name,
+                session_id=session_id,
+                seed=seed,
+                device=device,
+                shared_bank=shared_bank,
+                world_size=world_size,
+                rank=rank,
+                attach_only=attach_only,
+                config=config,
+            )
         except BaseException:
             if owned:
                 connection.close()
@@ -65,18 +85,31 @@ def dropin_class(spec: registry.LossSpec) -> type[RemoteLoss]:
             self.client.close()
 
     __init__.__signature__ = constructor.replace(  # type: ignore[attr-defined]
-        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-                    *constructor.parameters.values(), *_EXTRAS])
-    doc = (f"Remote {spec.name}: lossd computes it on a server.\n\n"
-           f"Takes {spec.name}'s constructor arguments, plus `server` (\"host:port\"; default "
-           "$LOSSD_SERVER or localhost:50051) or `client` (a LossClient), and optionally "
-           "`session_id`, `token`, `seed`, `device`, `shared_bank`, `world_size`/`rank` "
-           "and `attach_only` (see LossClient.loss).\n\n"
-           + (inspect.getdoc(spec.cls) or ""))
-    return type(spec.name, (RemoteLoss,), {
-        "__init__": __init__, "forward": forward, "close": close, "__doc__": doc,
-        "__module__": "lossd.client", "__qualname__": spec.name,
-    })
+        parameters=[
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            *constructor.parameters.values(),
+            *_EXTRAS,
+        ]
+    )
+    doc = (
+        f"Remote {spec.name}: lossd computes it on a server.\n\n"
+        f'Takes {spec.name}\'s constructor arguments, plus `server` ("host:port"; default '
+        "$LOSSD_SERVER or localhost:50051) or `client` (a LossClient), and optionally "
+        "`session_id`, `token`, `seed`, `device`, `shared_bank`, `world_size`/`rank` "
+        "and `attach_only` (see LossClient.loss).\n\n" + (inspect.getdoc(spec.cls) or "")
+    )
+    return type(
+        spec.name,
+        (RemoteLoss,),
+        {
+            "__init__": __init__,
+            "forward": forward,
+            "close": close,
+            "__doc__": doc,
+            "__module__": "lossd.client",
+            "__qualname__": spec.name,
+        },
+    )
 
 
 #: The drop-in classes by name.

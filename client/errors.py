@@ -109,14 +109,16 @@ def from_rpc_error(error: grpc.RpcError, target: str, session_id: str = "") -> L
     return from_status(code, details, target, session_id)
 
 
-def from_status(code: grpc.StatusCode, details: str, target: str,
-                session_id: str = "") -> LossdError:
+def from_status(
+    code: grpc.StatusCode, details: str, target: str, session_id: str = ""
+) -> LossdError:
     """The lossd exception for a status code and message."""
     cls = _BY_CODE.get(code, InternalError)
     if cls is NotFoundError and details.startswith(("session ", "bank ")):
         kind = SessionNotFoundError if details.startswith("session ") else BankNotFoundError
-        return kind(f"{details} ({target}); behind a load balancer, it is not on the "
-                    "replica that answered")
+        return kind(
+            f"{details} ({target}); behind a load balancer, it is not on the replica that answered"
+        )
     if cls is UnavailableError:
         details = f"lossd server at {target} is unavailable: {details}"
     return cls(details)

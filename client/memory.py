@@ -23,8 +23,13 @@ class MemoryLease:
     another host); the caller then sends bytes on the wire.
     """
 
-    def __init__(self, stub: pb_grpc.LossServiceStub, metadata: tuple[tuple[str, str], ...],
-                 session_id: str, nbytes: int) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.LossServiceStub,
+        metadata: tuple[tuple[str, str], ...],
+        session_id: str,
+        nbytes: int,
+    ) -> None:
         self.session_id = session_id
         self._outgoing: queue.Queue[Any] = queue.Queue()
         self._incoming = stub.AttachMemory(iter(self._outgoing.get, _CLOSE), metadata=metadata)
@@ -43,8 +48,11 @@ class MemoryLease:
                 return self.region
             region = SharedRegion.create(max(MIN_REGION, aligned(nbytes + nbytes // 4)))
             try:
-                self._outgoing.put(pb.MemoryLease(session_id=self.session_id,
-                                                  path=str(region.path), size=region.size))
+                self._outgoing.put(
+                    pb.MemoryLease(
+                        session_id=self.session_id, path=str(region.path), size=region.size
+                    )
+                )
                 next(self._incoming)  # the server has mapped it
             except BaseException:
                 region.close()

@@ -37,10 +37,20 @@ class RemoteLoss(nn.Module):
 
     _owns_client = False  # set by drop-in classes, which open their own connection
 
-    def __init__(self, client: LossClient, name: str, *, session_id: str | None = None,
-                 seed: int | None = None, device: str | None = None,
-                 shared_bank: str | None = None, world_size: int = 1, rank: int = 0,
-                 attach_only: bool = False, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        client: LossClient,
+        name: str,
+        *,
+        session_id: str | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        shared_bank: str | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+        attach_only: bool = False,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         try:
             self.spec = registry.get(name)
@@ -50,8 +60,14 @@ class RemoteLoss(nn.Module):
         self.client = client
         self.world_size, self.rank = world_size, rank
         self.session: SessionInfo = client.create_session(
-            name, session_id=session_id, seed=seed, device=device, shared_bank=shared_bank,
-            attach_only=attach_only, **(config or {}))
+            name,
+            session_id=session_id,
+            seed=seed,
+            device=device,
+            shared_bank=shared_bank,
+            attach_only=attach_only,
+            **(config or {}),
+        )
         self._next_step = self.session.steps  # the global step the ranks agree on
         self._signature = _without_self(self.spec.forward)
 
@@ -68,8 +84,9 @@ class RemoteLoss(nn.Module):
         wanted = {id(t) for t in tensors if grad_on and t.requires_grad}
         request = pb.ComputeRequest(session_id=self.session_id, request_id=uuid.uuid4().hex)
         if self.world_size > 1:
-            request.global_batch.CopyFrom(pb.GlobalBatch(
-                world_size=self.world_size, rank=self.rank, step=self._next_step))
+            request.global_batch.CopyFrom(
+                pb.GlobalBatch(world_size=self.world_size, rank=self.rank, step=self._next_step)
+            )
         reply = self.client.step(request, given, wanted)
         self._next_step += 1
         result = _materialize(reply.result, _device_of(tensors), keep={id(t) for t in tensors})
@@ -79,21 +96,27 @@ class RemoteLoss(nn.Module):
         for name, tree in reply.grads.items():
             _pair_up(given[name], tree, grads.__setitem__)
         inputs = [t for t in tensors if id(t) in wanted]
-        return _ServerGradients.apply(_Pending(result, [grads.get(id(t)) for t in inputs]),
-                                      *inputs)
+        return _ServerGradients.apply(_Pending(result, [grads.get(id(t)) for t in inputs]), *inputs)
 
     # -- state, also when nested in a model's state_dict ------------------------------------
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
-                            keep_vars: bool) -> None:
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
         for name, t in self.client.get_state(self.session_id).items():
             destination[prefix + name] = t
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              local_metadata: dict[str, Any], strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        mine = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if mine or strict:
             self.client.set_state(self.session_id, mine)
 
@@ -132,24 +155,30 @@ class _ServerGradients(torch.autograd.Function):
         # The common `loss.backward()` passes 1: hand the gradients over without a multiply
         # (a look at the value is free on the CPU, where the server's gradients arrive).
         unit = scale.device.type == "cpu" and bool(scale == 1)
-        grads = [None if g is None else _scaled(g, scale, unit, device, dtype)
-                 for g, (device, dtype) in zip(ctx.grads, ctx.targets)]
+        grads = [
+            None if g is None else _scaled(g, scale, unit, device, dtype)
+            for g, (device, dtype) in zip(ctx.grads, ctx.targets)
+        ]
         return (None, *grads)
 
 
-def _scaled(grad: Tensor, scale: Tensor, unit: bool, device: torch.device,
-            dtype: torch.dtype) -> Tensor:
+def _scaled(
+    grad: Tensor, scale: Tensor, unit: bool, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     grad = grad.to(device=device, dtype=dtype)
     return grad if unit else grad * scale.to(device=device, dtype=dtype)
 
 
 def _check_ranks(world_size: int, rank: int, session_id: str | None) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidArgumentError(f"Expected `rank` in [0, world_size={world_size}), but got "
-                                   f"{rank}.")
+        raise InvalidArgumentError(
+            f"Expected `rank` in [0, world_size={world_size}), but got {rank}."
+        )
     if world_size > 1 and not session_id:
-        raise InvalidArgumentError("Expected `session_id` with world_size > 1: every rank "
-                                   "attaches to the same session by it.")
+        raise InvalidArgumentError(
+            "Expected `session_id` with world_size > 1: every rank "
+            "attaches to the same session by it."
+        )
 
 
 def _without_self(signature: inspect.Signature) -> inspect.Signature:

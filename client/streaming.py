@@ -42,8 +42,9 @@ class ComputeStream:
         self._incoming = stub.ComputeStream(iter(self._outgoing.get, _CLOSE), metadata=metadata)
         self._lock = threading.Lock()
 
-    def step(self, request: pb.ComputeRequest, chunker: codec.Chunker
-             ) -> tuple[pb.ComputeResponse, Iterator[Tensor]]:
+    def step(
+        self, request: pb.ComputeRequest, chunker: codec.Chunker
+    ) -> tuple[pb.ComputeResponse, Iterator[Tensor]]:
         with self._lock:
             for message in stream.frames(pb.StreamMessage(request=request), chunker):
                 self._outgoing.put(message)

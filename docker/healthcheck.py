@@ -20,7 +20,8 @@ def main(argv: list[str]) -> int:
     with grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=3)
+                health_pb2.HealthCheckRequest(service=service), timeout=3
+            )
         except grpc.RpcError as error:
             print(f"{target}: {error.code().name}", file=sys.stderr)
             return 1

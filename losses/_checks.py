@@ -125,8 +125,9 @@ def tensor(
         wanted = " or ".join(f"{d}-D" for d in dims)
         raise fail(name, f"a {wanted} tensor{_of_shape(shape_hint)}", describe(value))
     if min_ndim is not None and value.dim() < min_ndim:
-        raise fail(name, f"a tensor of at least {min_ndim} dims{_of_shape(shape_hint)}",
-                   describe(value))
+        raise fail(
+            name, f"a tensor of at least {min_ndim} dims{_of_shape(shape_hint)}", describe(value)
+        )
     return value
 
 
@@ -143,8 +144,9 @@ def tensor_list(
     """A non-empty list (or tuple) of floating tensors with `ndim` dims each."""
     if not isinstance(value, (list, tuple)) or len(value) < min_len:
         raise fail(name, f"a list of at least {min_len} tensor(s)", describe(value))
-    return [tensor(f"{name}[{i}]", t, ndim=ndim, shape_hint=shape_hint)
-            for i, t in enumerate(value)]
+    return [
+        tensor(f"{name}[{i}]", t, ndim=ndim, shape_hint=shape_hint) for i, t in enumerate(value)
+    ]
 
 
 def pair(name: str, value: Any) -> tuple[Any, Any]:
@@ -157,8 +159,9 @@ def pair(name: str, value: Any) -> tuple[Any, Any]:
 def same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     """Two tensors of identical shape."""
     if a.shape != b.shape:
-        raise fail(name_b, f"of the same shape as `{name_a}` {tuple(a.shape)}",
-                   f"shape {tuple(b.shape)}")
+        raise fail(
+            name_b, f"of the same shape as `{name_a}` {tuple(a.shape)}", f"shape {tuple(b.shape)}"
+        )
 
 
 def same_dtype(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
@@ -170,15 +173,15 @@ def same_dtype(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 def size_at(name: str, x: Tensor, dim: int, expected: int, what: str) -> None:
     """`x.shape[dim] == expected`, where `what` names the expected size in words."""
     if x.shape[dim] != expected:
-        raise fail(name, f"of size {expected} along dim {dim} ({what})",
-                   f"shape {tuple(x.shape)}")
+        raise fail(name, f"of size {expected} along dim {dim} ({what})", f"shape {tuple(x.shape)}")
 
 
 def min_batch(name: str, x: Tensor, minimum: int = 2) -> None:
     """At least `minimum` rows along dim 0 (the batch statistics need them)."""
     if x.shape[0] < minimum:
-        raise fail(name, f"a batch of at least {minimum} samples along dim 0",
-                   f"shape {tuple(x.shape)}")
+        raise fail(
+            name, f"a batch of at least {minimum} samples along dim 0", f"shape {tuple(x.shape)}"
+        )
 
 
 def optional_number(name: str, value: Any) -> float | None:

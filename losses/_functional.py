@@ -20,4 +20,3 @@ def mask_diagonal(logits: Tensor) -> Tensor:
     """`logits` (n, m) with entries [i, i] set to -inf, so softmax and logsumexp skip them."""
     eye = torch.eye(logits.shape[0], logits.shape[1], dtype=torch.bool, device=logits.device)
     return logits.masked_fill(eye, float("-inf"))
-

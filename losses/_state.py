@@ -57,8 +57,13 @@ class StatefulLoss(nn.Module):
         """True while changes wait for the end of a `state_transaction`."""
         return self._pending is not None
 
-    def _change_state(self, change: Change, name: str = "", value: Tensor | None = None,
-                      into: Tensor | None = None) -> None:
+    def _change_state(
+        self,
+        change: Change,
+        name: str = "",
+        value: Tensor | None = None,
+        into: Tensor | None = None,
+    ) -> None:
         """Apply `change` now, or when the surrounding transaction commits.
 
         `value` is what the change writes into `into` (the state tensor `name`), so that a
@@ -155,12 +160,16 @@ def _check_finite(pending: list[_Pending]) -> None:
     checked = [p for p in pending if p.value is not None and p.value.is_floating_point()]
     if not checked:
         return
-    finite = torch.stack([
-        torch.isfinite(p.value.to(p.into.dtype if p.into is not None else p.value.dtype)).all()
-        for p in checked if p.value is not None
-    ])
+    finite = torch.stack(
+        [
+            torch.isfinite(p.value.to(p.into.dtype if p.into is not None else p.value.dtype)).all()
+            for p in checked
+            if p.value is not None
+        ]
+    )
     if not bool(finite.all()):
         names = sorted({p.name for p, ok in zip(checked, finite.tolist()) if not ok})
         raise NonFiniteStateError(
             f"the step would leave NaN or Inf in the state ({', '.join(names)}): inputs too "
-            "large for the state's dtype? Nothing changed.")
+            "large for the state's dtype? Nothing changed."
+        )

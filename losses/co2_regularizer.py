@@ -72,4 +72,3 @@ class CO2Regularizer(nn.Module):
             q, p, reduction="batchmean", log_target=True
         )
         return self.alpha * 0.5 * div
-

@@ -121,8 +121,12 @@ def _check_views(teachers: list[Tensor], students: list[Tensor], output_dim: int
     for name, views in (("teacher_out", teachers), ("student_out", students)):
         for i, view in enumerate(views):
             check.size_at(f"{name}[{i}]", view, 1, output_dim, "output_dim")
-            check.size_at(f"{name}[{i}]", view, 0, first.shape[0], "the batch size of teacher_out[0]")
+            check.size_at(
+                f"{name}[{i}]", view, 0, first.shape[0], "the batch size of teacher_out[0]"
+            )
     if len(teachers) * len(students) - min(len(teachers), len(students)) == 0:
-        raise check.fail("teacher_out and student_out", "at least two views in total (pairs of "
-                         "the same view index are skipped)",
-                         f"{len(teachers)} teacher and {len(students)} student view(s)")
+        raise check.fail(
+            "teacher_out and student_out",
+            "at least two views in total (pairs of the same view index are skipped)",
+            f"{len(teachers)} teacher and {len(students)} student view(s)",
+        )

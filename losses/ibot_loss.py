@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -73,13 +72,19 @@ class IBOTPatchLoss(StatefulLoss):
         check.min_batch("mask", mask, minimum=1)
         check.size_at("teacher_out", teacher_out, 1, self.output_dim, "output_dim")
         check.same_shape("teacher_out", teacher_out, "student_out", student_out)
-        temperature = self.teacher_temp if teacher_temp is None else check.positive(
-            "teacher_temp", teacher_temp)
+        temperature = (
+            self.teacher_temp
+            if teacher_temp is None
+            else check.positive("teacher_temp", teacher_temp)
+        )
         per_image = mask.sum(dim=(1, 2))  # (B,)
         num_masked = int(per_image.sum())  # the one host sync; mask indexing needs it anyway
         if num_masked != teacher_out.shape[0]:
-            raise check.fail("teacher_out", f"{num_masked} rows, one per True entry of `mask`",
-                             f"shape {tuple(teacher_out.shape)}")
+            raise check.fail(
+                "teacher_out",
+                f"{num_masked} rows, one per True entry of `mask`",
+                f"shape {tuple(teacher_out.shape)}",
+            )
         teacher_probs = F.softmax((teacher_out - self.center.value) / temperature, dim=-1)
         student_logp = F.log_softmax(student_out / self.student_temp, dim=-1)
         ce = -(teacher_probs * student_logp).sum(dim=-1)  # (N,)

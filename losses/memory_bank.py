@@ -156,8 +156,10 @@ class MemoryBankModule(StatefulLoss):
             self._change_state(lambda: self._set_bank(bank))
         elif tuple(bank.shape[1:]) != tuple(like.shape[1:]):
             raise check.state_mismatch(
-                name, f"rows of shape {tuple(bank.shape[1:])} like the memory bank",
-                f"shape {tuple(like.shape)}")
+                name,
+                f"rows of shape {tuple(bank.shape[1:])} like the memory bank",
+                f"shape {tuple(like.shape)}",
+            )
         converted = bank.to(device=like.device, dtype=dtype or bank.dtype)
         if copy and converted is bank:
             converted = bank.clone()
@@ -178,8 +180,7 @@ class MemoryBankModule(StatefulLoss):
             raise check.state_mismatch("other", "a memory bank with rows", "an unshaped bank")
         shape = tuple(other.bank.shape)
         if shape[0] != self.size[0] or (len(self.size) > 1 and shape != self.size):
-            raise check.state_mismatch("size", f"the shared bank's shape {shape}",
-                                       f"{self.size}")
+            raise check.state_mismatch("size", f"the shared bank's shape {shape}", f"{self.size}")
         self._buffers["bank"] = other.bank
         self._buffers["bank_ptr"] = other.bank_ptr
         self.cursor = other.cursor

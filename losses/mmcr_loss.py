@@ -37,8 +37,11 @@ class MMCRLoss(nn.Module):
         check.tensor("momentum", momentum, ndim=3, shape_hint=hint)
         check.same_shape("online", online, "momentum", momentum)
         if online.shape[1] < 1:
-            raise check.fail("online", "a tensor with at least 1 view along dim 1",
-                             f"shape {tuple(online.shape)}")
+            raise check.fail(
+                "online",
+                "a tensor with at least 1 view along dim 1",
+                f"shape {tuple(online.shape)}",
+            )
         z = torch.cat([online, momentum], dim=1)  # (B, 2k, D)
         centroids = z.mean(dim=1)  # (B, D)
         loss = -_nuclear_norm(centroids) + self.lmda * _nuclear_norm(z).sum() / z.shape[0]

@@ -61,12 +61,16 @@ class MSNLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = check.positive("temperature", temperature)
-        self.sinkhorn_iterations = check.integer("sinkhorn_iterations", sinkhorn_iterations,
-                                                 minimum=0)
+        self.sinkhorn_iterations = check.integer(
+            "sinkhorn_iterations", sinkhorn_iterations, minimum=0
+        )
         self.regularization_weight = check.number("regularization_weight", regularization_weight)
         if me_max_weight is not None:
-            warnings.warn("me_max_weight is deprecated; use regularization_weight",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "me_max_weight is deprecated; use regularization_weight",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             self.regularization_weight = check.number("me_max_weight", me_max_weight)
         self.gather_distributed = check.flag("gather_distributed", gather_distributed)
 
@@ -95,13 +99,19 @@ class MSNLoss(nn.Module):
         sharpen_temp = check.positive("target_sharpen_temperature", target_sharpen_temperature)
         batch_size = targets.shape[0]
         if batch_size == 0 or anchors.shape[0] % batch_size or not anchors.shape[0]:
-            raise check.fail("anchors", f"a positive multiple of {batch_size} rows (the batch "
-                             "size of `targets`)", f"shape {tuple(anchors.shape)}")
+            raise check.fail(
+                "anchors",
+                f"a positive multiple of {batch_size} rows (the batch size of `targets`)",
+                f"shape {tuple(anchors.shape)}",
+            )
         check.size_at("targets", targets, 1, anchors.shape[1], "the dim of `anchors`")
         check.size_at("prototypes", prototypes, 1, anchors.shape[1], "the dim of `anchors`")
         if prototypes.shape[0] < 1:
-            raise check.fail("prototypes", "a tensor with at least 1 prototype (row)",
-                             f"shape {tuple(prototypes.shape)}")
+            raise check.fail(
+                "prototypes",
+                "a tensor with at least 1 prototype (row)",
+                f"shape {tuple(prototypes.shape)}",
+            )
         check.same_dtype("anchors", anchors, "targets", targets)
         check.same_dtype("anchors", anchors, "prototypes", prototypes)
         num_views = anchors.shape[0] // batch_size
@@ -113,7 +123,8 @@ class MSNLoss(nn.Module):
             # and Sinkhorn would divide 0 by 0.
             exact = torch.promote_types(logits.dtype, torch.float32)
             target_probs = prototype_probabilities(
-                F.normalize(targets.to(exact), dim=1), prototypes.to(exact), self.temperature)
+                F.normalize(targets.to(exact), dim=1), prototypes.to(exact), self.temperature
+            )
             target_probs = sinkhorn(sharpen(target_probs, sharpen_temp), self.sinkhorn_iterations)
             target_probs = target_probs.repeat(num_views, 1).to(logits.dtype)  # (V * B, K)
         log_probs = F.log_softmax(logits, dim=1)
@@ -126,4 +137,5 @@ class MSNLoss(nn.Module):
     def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
         """KL(mean anchor assignment (K,) || uniform)."""
         return torch.xlogy(mean_anchor_probs, mean_anchor_probs).sum() + math.log(
-            mean_anchor_probs.shape[0])
+            mean_anchor_probs.shape[0]
+        )

@@ -34,12 +34,17 @@ class NegativeCosineSimilarity(nn.Module):
         try:
             shape = torch.broadcast_shapes(x0.shape, x1.shape)
         except RuntimeError:
-            raise check.fail("x1", f"broadcastable with `x0` {tuple(x0.shape)}",
-                             f"shape {tuple(x1.shape)}") from None
+            raise check.fail(
+                "x1", f"broadcastable with `x0` {tuple(x0.shape)}", f"shape {tuple(x1.shape)}"
+            ) from None
         if 0 in shape:
-            raise check.fail("x0", "non-empty tensors", f"shapes {tuple(x0.shape)} and "
-                             f"{tuple(x1.shape)}")
+            raise check.fail(
+                "x0", "non-empty tensors", f"shapes {tuple(x0.shape)} and {tuple(x1.shape)}"
+            )
         if not -len(shape) <= self.dim < len(shape):
-            raise check.fail("x0", f"a tensor with a dim {self.dim} (the `dim` argument)",
-                             f"shape {tuple(shape)}")
+            raise check.fail(
+                "x0",
+                f"a tensor with a dim {self.dim} (the `dim` argument)",
+                f"shape {tuple(shape)}",
+            )
         return -F.cosine_similarity(x0, x1, self.dim, self.eps).mean()

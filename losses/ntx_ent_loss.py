@@ -37,8 +37,9 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = check.number("temperature", temperature)
         if abs(self.temperature) < 1e-8:
-            raise check.fail("temperature", "a number with abs(temperature) >= 1e-8",
-                             repr(temperature))
+            raise check.fail(
+                "temperature", "a number with abs(temperature) >= 1e-8", repr(temperature)
+            )
         self.gather_distributed = check.flag("gather_distributed", gather_distributed)
         self.memory_bank = MemoryBankModule(size=bank_size_2d("memory_bank_size", memory_bank_size))
 
@@ -83,4 +84,3 @@ def _bank_loss(x: Tensor, y: Tensor, bank: Tensor, temperature: float) -> Tensor
     negatives = x @ bank.T / temperature  # (B, K)
     # logsumexp over [positive, negatives] without materializing the (B, K + 1) concat
     return (torch.logaddexp(positive, torch.logsumexp(negatives, dim=1)) - positive).mean()
-

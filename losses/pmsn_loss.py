@@ -14,7 +14,9 @@ from .msn_loss import MSNLoss
 TargetDistribution = Callable[[Tensor], Tensor]
 
 
-def power_law_distribution(size: int, exponent: float, device: torch.device | str = "cpu") -> Tensor:
+def power_law_distribution(
+    size: int, exponent: float, device: torch.device | str = "cpu"
+) -> Tensor:
     """q_k proportional to k^-exponent for k = 1..size, float32, summing to 1; (size,)."""
     q = torch.arange(1, size + 1, dtype=torch.float32, device=device) ** (-exponent)
     return q / q.sum()
@@ -67,7 +69,8 @@ class PMSNLoss(MSNLoss):
     def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
         """KL(power law || mean anchor assignment (K,))."""
         q = power_law_distribution(
-            mean_anchor_probs.shape[0], self.power_law_exponent, mean_anchor_probs.device)
+            mean_anchor_probs.shape[0], self.power_law_exponent, mean_anchor_probs.device
+        )
         return F.kl_div(mean_anchor_probs.log(), q, reduction="sum")
 
 
@@ -96,8 +99,9 @@ class PMSNCustomLoss(MSNLoss):
             gather_distributed=gather_distributed,
         )
         if not callable(target_distribution):
-            name = check.choice("target_distribution", target_distribution,
-                                sorted(TARGET_DISTRIBUTIONS))
+            name = check.choice(
+                "target_distribution", target_distribution, sorted(TARGET_DISTRIBUTIONS)
+            )
             target_distribution = TARGET_DISTRIBUTIONS[name]
         self.target_distribution = target_distribution
 

@@ -132,13 +132,19 @@ class LossSpec:
 
     def constructor_defaults(self) -> dict[str, Any]:
         """Constructor parameters with a default, and the default."""
-        return {n: p.default for n, p in self.constructor.parameters.items()
-                if p.default is not inspect.Parameter.empty}
+        return {
+            n: p.default
+            for n, p in self.constructor.parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
 
     def required_config(self) -> tuple[str, ...]:
         """Constructor parameters without a default."""
-        return tuple(n for n, p in self.constructor.parameters.items()
-                     if p.default is inspect.Parameter.empty)
+        return tuple(
+            n
+            for n, p in self.constructor.parameters.items()
+            if p.default is inspect.Parameter.empty
+        )
 
     def arg_default(self, name: str) -> Any:
         """The forward default of argument `name`, or `inspect.Parameter.empty`."""
@@ -171,54 +177,87 @@ _MSN_ARGS = (
 
 _ENTRIES: tuple[LossSpec, ...] = (
     LossSpec(BarlowTwinsLoss, _two_views("z_a", "z_b")),
-    LossSpec(CO2Regularizer, _two_views("out0", "out1"), state=_BANK_STATE, bank=_BANK,
-             notes="differentiable, unlike lightly 1.6"),
+    LossSpec(
+        CO2Regularizer,
+        _two_views("out0", "out1"),
+        state=_BANK_STATE,
+        bank=_BANK,
+        notes="differentiable, unlike lightly 1.6",
+    ),
     LossSpec(DCLLoss, _two_views("out0", "out1")),
     LossSpec(DCLWLoss, _two_views("out0", "out1")),
-    LossSpec(DINOLoss, (
-        Arg("teacher_out", _L, _ROWS, grad=True),
-        Arg("student_out", _L, _ROWS, grad=True),
-        Arg("teacher_temp", Kind.NUMBER),
-        Arg("epoch", Kind.INTEGER),
-    ), state=("center",)),
+    LossSpec(
+        DINOLoss,
+        (
+            Arg("teacher_out", _L, _ROWS, grad=True),
+            Arg("student_out", _L, _ROWS, grad=True),
+            Arg("teacher_temp", Kind.NUMBER),
+            Arg("epoch", Kind.INTEGER),
+        ),
+        state=("center",),
+    ),
     LossSpec(HypersphereLoss, _two_views("z_a", "z_b")),
-    LossSpec(IBOTPatchLoss, (
-        Arg("teacher_out", _T, _ROWS, grad=True),
-        Arg("student_out", _T, _ROWS, grad=True),
-        Arg("mask", _T, _ROWS, dtype=DType.BOOL),
-        Arg("teacher_temp", Kind.NUMBER),
-    ), state=("center.center",)),
+    LossSpec(
+        IBOTPatchLoss,
+        (
+            Arg("teacher_out", _T, _ROWS, grad=True),
+            Arg("student_out", _T, _ROWS, grad=True),
+            Arg("mask", _T, _ROWS, dtype=DType.BOOL),
+            Arg("teacher_temp", Kind.NUMBER),
+        ),
+        state=("center.center",),
+    ),
     LossSpec(KoLeoLoss, (Arg("x", _T, _ROWS, grad=True),)),
-    LossSpec(MemoryBankModule, (
-        Arg("output", _T, _ROWS),
-        Arg("labels", _T, _ROWS, dtype=DType.ANY),
-        Arg("update", Kind.FLAG),
-    ), state=("bank", "bank_ptr"), returns=Returns.OUTPUTS, bank=BankSlot("size", "")),
+    LossSpec(
+        MemoryBankModule,
+        (
+            Arg("output", _T, _ROWS),
+            Arg("labels", _T, _ROWS, dtype=DType.ANY),
+            Arg("update", Kind.FLAG),
+        ),
+        state=("bank", "bank_ptr"),
+        returns=Returns.OUTPUTS,
+        bank=BankSlot("size", ""),
+    ),
     LossSpec(MMCRLoss, _two_views("online", "momentum")),
     LossSpec(MSNLoss, _MSN_ARGS),
     LossSpec(NegativeCosineSimilarity, _two_views("x0", "x1")),
     LossSpec(NTXentLoss, _two_views("out0", "out1"), state=_BANK_STATE, bank=_BANK),
     LossSpec(PMSNCustomLoss, _MSN_ARGS),
     LossSpec(PMSNLoss, _MSN_ARGS),
-    LossSpec(SwaVLoss, (
-        Arg("high_resolution_outputs", _L, _ROWS, grad=True),
-        Arg("low_resolution_outputs", _L, _ROWS, grad=True),
-        Arg("queue_outputs", _L, _ROWS),
-    )),
-    LossSpec(SymNegCosineSimilarityLoss, (
-        Arg("out0", _P, _ROWS, grad=(False, True)),
-        Arg("out1", _P, _ROWS, grad=(False, True)),
-    ), notes="lightly 1.5 API (removed in lightly 1.6)"),
-    LossSpec(TiCoLoss, (
-        *_two_views("z_a", "z_b"),
-        Arg("update_covariance_matrix", Kind.FLAG),
-    ), state=("C",)),
-    LossSpec(VICRegLLoss, (
-        Arg("global_view_features", _PL, _ROWS, grad=(True, True)),
-        Arg("global_view_grids", _L, _ROWS),
-        Arg("local_view_features", _PL, _ROWS, grad=(True, True)),
-        Arg("local_view_grids", _L, _ROWS),
-    )),
+    LossSpec(
+        SwaVLoss,
+        (
+            Arg("high_resolution_outputs", _L, _ROWS, grad=True),
+            Arg("low_resolution_outputs", _L, _ROWS, grad=True),
+            Arg("queue_outputs", _L, _ROWS),
+        ),
+    ),
+    LossSpec(
+        SymNegCosineSimilarityLoss,
+        (
+            Arg("out0", _P, _ROWS, grad=(False, True)),
+            Arg("out1", _P, _ROWS, grad=(False, True)),
+        ),
+        notes="lightly 1.5 API (removed in lightly 1.6)",
+    ),
+    LossSpec(
+        TiCoLoss,
+        (
+            *_two_views("z_a", "z_b"),
+            Arg("update_covariance_matrix", Kind.FLAG),
+        ),
+        state=("C",),
+    ),
+    LossSpec(
+        VICRegLLoss,
+        (
+            Arg("global_view_features", _PL, _ROWS, grad=(True, True)),
+            Arg("global_view_grids", _L, _ROWS),
+            Arg("local_view_features", _PL, _ROWS, grad=(True, True)),
+            Arg("local_view_grids", _L, _ROWS),
+        ),
+    ),
     LossSpec(VICRegLoss, _two_views("z_a", "z_b")),
 )
 

@@ -48,11 +48,13 @@ class SwaVLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = check.positive("temperature", temperature)
-        self.sinkhorn_iterations = check.integer("sinkhorn_iterations", sinkhorn_iterations,
-                                                 minimum=0)
+        self.sinkhorn_iterations = check.integer(
+            "sinkhorn_iterations", sinkhorn_iterations, minimum=0
+        )
         self.sinkhorn_epsilon = check.positive("sinkhorn_epsilon", sinkhorn_epsilon)
         self.sinkhorn_gather_distributed = check.flag(
-            "sinkhorn_gather_distributed", sinkhorn_gather_distributed)
+            "sinkhorn_gather_distributed", sinkhorn_gather_distributed
+        )
 
     def subloss(self, z: Tensor, q: Tensor) -> Tensor:
         """Cross entropy of the codes q (B, K) and the predictions z (B, K)."""
@@ -78,7 +80,8 @@ class SwaVLoss(nn.Module):
             Shape (1,), like lightly.
         """
         highs, lows, queues = _check_crops(
-            high_resolution_outputs, low_resolution_outputs, queue_outputs)
+            high_resolution_outputs, low_resolution_outputs, queue_outputs
+        )
         views = highs + lows
         loss = highs[0].new_zeros(1)
         for i, high in enumerate(highs):
@@ -102,20 +105,27 @@ def _check_crops(
     high = check.tensor_list("high_resolution_outputs", highs, shape_hint=hint)
     low = check.tensor_list("low_resolution_outputs", lows, min_len=0, shape_hint=hint)
     if len(high) + len(low) < 2:
-        raise check.fail("high_resolution_outputs and low_resolution_outputs",
-                         "at least two crops in total", f"{len(high)} and {len(low)}")
+        raise check.fail(
+            "high_resolution_outputs and low_resolution_outputs",
+            "at least two crops in total",
+            f"{len(high)} and {len(low)}",
+        )
     first = high[0]
     if first.shape[0] < 1 or first.shape[1] < 1:
-        raise check.fail("high_resolution_outputs[0]", "a tensor with at least 1 sample and "
-                         "1 prototype", f"shape {tuple(first.shape)}")
+        raise check.fail(
+            "high_resolution_outputs[0]",
+            "a tensor with at least 1 sample and 1 prototype",
+            f"shape {tuple(first.shape)}",
+        )
     for name, views in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
         for i, view in enumerate(views):
             check.size_at(f"{name}[{i}]", view, 1, first.shape[1], "num_prototypes")
             check.size_at(f"{name}[{i}]", view, 0, first.shape[0], "batch_size")
     queue = None
     if queues is not None:
-        queue = check.tensor_list("queue_outputs", queues, min_len=len(high),
-                                  shape_hint="(queue_length, num_prototypes)")
+        queue = check.tensor_list(
+            "queue_outputs", queues, min_len=len(high), shape_hint="(queue_length, num_prototypes)"
+        )
         for i, q in enumerate(queue):
             check.size_at(f"queue_outputs[{i}]", q, 1, first.shape[1], "num_prototypes")
     return high, low, queue

@@ -39,8 +39,10 @@ class SymNegCosineSimilarityLoss(nn.Module):
 def _view(name: str, value: object) -> tuple[Tensor, Tensor]:
     z, p = check.pair(name, value)
     hint = "(batch_size, dim)"
-    return (check.tensor(f"{name}[0]", z, ndim=2, shape_hint=hint),
-            check.tensor(f"{name}[1]", p, ndim=2, shape_hint=hint))
+    return (
+        check.tensor(f"{name}[0]", z, ndim=2, shape_hint=hint),
+        check.tensor(f"{name}[1]", p, ndim=2, shape_hint=hint),
+    )
 
 
 def _negative_cosine(p: Tensor, z: Tensor) -> Tensor:

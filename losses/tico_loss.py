@@ -52,8 +52,11 @@ class TiCoLoss(StatefulLoss):
         check.flag("update_covariance_matrix", update_covariance_matrix)
         previous = self.C
         if previous is not None and previous.shape[0] != z_a.shape[1]:
-            raise check.state_mismatch("z_a", f"of dim {previous.shape[0]}, like the covariance `C`",
-                                       f"shape {tuple(z_a.shape)}")
+            raise check.state_mismatch(
+                "z_a",
+                f"of dim {previous.shape[0]}, like the covariance `C`",
+                f"shape {tuple(z_a.shape)}",
+            )
         x = F.normalize(z_a, dim=1)
         y = F.normalize(z_b, dim=1)
         batch_cov = (x.T @ x).detach() / x.shape[0]  # (D, D)

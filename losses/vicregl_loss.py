@@ -80,8 +80,11 @@ class VICRegLLoss(nn.Module):
         self.eps = check.positive("eps", eps)
         self.gather_distributed = check.flag("gather_distributed", gather_distributed)
         self.vicreg_loss = VICRegLoss(
-            lambda_param=lambda_param, mu_param=mu_param, nu_param=0.5 * self.nu_param,
-            gather_distributed=gather_distributed, eps=eps,
+            lambda_param=lambda_param,
+            mu_param=mu_param,
+            nu_param=0.5 * self.nu_param,
+            gather_distributed=gather_distributed,
+            eps=eps,
         )
 
     def forward(
@@ -105,9 +108,14 @@ class VICRegLLoss(nn.Module):
             `alpha * global + (1 - alpha) * local`, shape (1,) like lightly.
         """
         globals_, locals_ = _check_views(
-            global_view_features, global_view_grids, local_view_features, local_view_grids)
-        pairs = [(a, b) for a in range(len(globals_))
-                 for b in range(len(globals_) + len(locals_)) if a != b]
+            global_view_features, global_view_grids, local_view_features, local_view_grids
+        )
+        pairs = [
+            (a, b)
+            for a in range(len(globals_))
+            for b in range(len(globals_) + len(locals_))
+            if a != b
+        ]
         views = globals_ + locals_
         global_loss = self._global_loss([g for (g, _), _ in views], pairs)
         local_loss = _mean([self._local_pair_loss(views[a], views[b]) for a, b in pairs])
@@ -152,8 +160,12 @@ def _distances(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_num_matches(value: object) -> tuple[int, int]:
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
-        isinstance(k, int) and not isinstance(k, bool) and (k >= 1 or k == -1) for k in value
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(
+            isinstance(k, int) and not isinstance(k, bool) and (k >= 1 or k == -1) for k in value
+        )
     ):
         raise check.fail("num_matches", "a pair of ints >= 1 (or -1 for all)", repr(value))
     return int(value[0]), int(value[1])
@@ -164,47 +176,64 @@ def _check_views(
 ) -> tuple[list[tuple[Pair, Tensor]], list[tuple[Pair, Tensor]]]:
     """Validate the views; return (global, local) lists of ((g, l), grid)."""
     if (local_features is None) != (local_grids is None):
-        raise check.fail("local_view_features and local_view_grids", "both given or both None",
-                         f"{type(local_features).__name__} and {type(local_grids).__name__}")
+        raise check.fail(
+            "local_view_features and local_view_grids",
+            "both given or both None",
+            f"{type(local_features).__name__} and {type(local_grids).__name__}",
+        )
     globals_ = _views("global_view", global_features, global_grids, min_len=1)
-    locals_ = [] if local_features is None else _views(
-        "local_view", local_features, local_grids, min_len=0)
+    locals_ = (
+        []
+        if local_features is None
+        else _views("local_view", local_features, local_grids, min_len=0)
+    )
     if len(globals_) + len(locals_) < 2:
-        raise check.fail("global_view_features", "at least two views in total (global + local)",
-                         f"{len(globals_)} global and {len(locals_)} local view(s)")
+        raise check.fail(
+            "global_view_features",
+            "at least two views in total (global + local)",
+            f"{len(globals_)} global and {len(locals_)} local view(s)",
+        )
     (g0, l0), grid0 = globals_[0]
     check.min_batch("global_view_features[0][0]", g0)
     for kind, views in (("global", globals_), ("local", locals_)):
-        for i, ((g, l), grid) in enumerate(views):
+        for i, ((g, local), grid) in enumerate(views):
             name = f"{kind}_view_features[{i}]"
             check.same_shape("global_view_features[0][0]", g0, f"{name}[0]", g)
-            check.size_at(f"{name}[1]", l, 0, g0.shape[0], "batch_size")
-            check.size_at(f"{name}[1]", l, 3, l0.shape[3], "local_dim")
+            check.size_at(f"{name}[1]", local, 0, g0.shape[0], "batch_size")
+            check.size_at(f"{name}[1]", local, 3, l0.shape[3], "local_dim")
             # local features (and grids) of different views are compared by cdist
-            check.same_dtype("global_view_features[0][1]", l0, f"{name}[1]", l)
+            check.same_dtype("global_view_features[0][1]", l0, f"{name}[1]", local)
             check.same_dtype("global_view_grids[0]", grid0, f"{kind}_view_grids[{i}]", grid)
     return globals_, locals_
 
 
-def _views(
-    kind: str, features: object, grids: object, min_len: int
-) -> list[tuple[Pair, Tensor]]:
+def _views(kind: str, features: object, grids: object, min_len: int) -> list[tuple[Pair, Tensor]]:
     feats_name, grids_name = f"{kind}_features", f"{kind}_grids"
     if not isinstance(features, (list, tuple)) or len(features) < min_len:
-        raise check.fail(feats_name, f"a list of at least {min_len} (embedding, local) pair(s)",
-                         check.describe(features))
+        raise check.fail(
+            feats_name,
+            f"a list of at least {min_len} (embedding, local) pair(s)",
+            check.describe(features),
+        )
     if not isinstance(grids, (list, tuple)) or len(grids) != len(features):
-        raise check.fail(grids_name, f"a list of {len(features)} grids, one per view in "
-                         f"`{feats_name}`", check.describe(grids))
+        raise check.fail(
+            grids_name,
+            f"a list of {len(features)} grids, one per view in `{feats_name}`",
+            check.describe(grids),
+        )
     views = []
     for i, (view, grid) in enumerate(zip(features, grids)):
-        g, l = check.pair(f"{feats_name}[{i}]", view)
+        g, local = check.pair(f"{feats_name}[{i}]", view)
         g = check.tensor(f"{feats_name}[{i}][0]", g, ndim=2, shape_hint="(batch_size, dim)")
-        l = check.tensor(f"{feats_name}[{i}][1]", l, ndim=4,
-                         shape_hint="(batch_size, H, W, local_dim)")
+        local = check.tensor(
+            f"{feats_name}[{i}][1]", local, ndim=4, shape_hint="(batch_size, H, W, local_dim)"
+        )
         grid = check.tensor(f"{grids_name}[{i}]", grid, ndim=4, shape_hint="(batch_size, H, W, 2)")
-        if tuple(grid.shape) != (*l.shape[:3], 2):
-            raise check.fail(f"{grids_name}[{i}]", f"of shape {(*l.shape[:3], 2)} to match the "
-                             "local features", f"shape {tuple(grid.shape)}")
-        views.append(((g, l), grid))
+        if tuple(grid.shape) != (*local.shape[:3], 2):
+            raise check.fail(
+                f"{grids_name}[{i}]",
+                f"of shape {(*local.shape[:3], 2)} to match the local features",
+                f"shape {tuple(grid.shape)}",
+            )
+        views.append(((g, local), grid))
     return views

@@ -81,12 +81,16 @@ class LossdServer:
                 log.info("session expired after %.0f s idle: %s", self.store.ttl_s, session_id)
 
 
-def create_server(config: ServerConfig,
-                  interceptors: Sequence[grpc.ServerInterceptor] = ()) -> LossdServer:
+def create_server(
+    config: ServerConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()
+) -> LossdServer:
     """A LossdServer bound to config.host:config.port, its state restored, not yet started."""
     default_device = resolve_device(config.device)
-    store = SessionStore(lambda name: resolve_device(name, str(default_device)),
-                         config.session_ttl_s, limits=config.limits)
+    store = SessionStore(
+        lambda name: resolve_device(name, str(default_device)),
+        config.session_ttl_s,
+        limits=config.limits,
+    )
     snapshots = None
     if config.state_dir:
         snapshots = Snapshotter(StateDir(config.state_dir), store, config.snapshot_interval_s)
@@ -94,32 +98,49 @@ def create_server(config: ServerConfig,
     admission = Admission(config.limits.max_concurrent_steps, config.limits.max_queued_steps)
     metrics = _metrics(store, admission)
     auth = Authenticator(load_tokens(config.auth_tokens_file))
-    servicer = LossServicer(store, Computer(admission, config.global_batch_timeout_s), auth,
-                            metrics, snapshots, config.shared_memory_dir,
-                            max_region_bytes=2 * config.max_message_bytes)
+    servicer = LossServicer(
+        store,
+        Computer(admission, config.global_batch_timeout_s),
+        auth,
+        metrics,
+        snapshots,
+        config.shared_memory_dir,
+        max_region_bytes=2 * config.max_message_bytes,
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="lossd-rpc"),
-        options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                 ("grpc.max_send_message_length", config.max_message_bytes)],
-        interceptors=[SafeRequests(), *interceptors])
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+        interceptors=[SafeRequests(), *interceptors],
+    )
     pb_grpc.add_LossServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     address = f"{config.host}:{config.port}"
     if config.tls_cert or config.tls_key:
         if not (config.tls_cert and config.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         credentials = grpc.ssl_server_credentials(
-            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+        )
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    log.info("lossd on %s:%d, device %s, auth %s, state %s", config.host, port, default_device,
-             "on" if auth.enabled else "off", config.state_dir or "not kept")
+    log.info(
+        "lossd on %s:%d, device %s, auth %s, state %s",
+        config.host,
+        port,
+        default_device,
+        "on" if auth.enabled else "off",
+        config.state_dir or "not kept",
+    )
     return LossdServer(server, port, config, store, health_servicer, metrics, snapshots)
 
 
@@ -127,8 +148,9 @@ def _metrics(store: SessionStore, admission: Admission) -> Metrics:
     metrics = Metrics()
     metrics.gauge("lossd_sessions", "Sessions held", lambda: len(store.all()))
     metrics.gauge("lossd_banks", "Shared banks held", lambda: len(store.banks.all()))
-    metrics.gauge("lossd_state_bytes", "Bytes of state of all sessions and banks",
-                  store.total_state_bytes)
+    metrics.gauge(
+        "lossd_state_bytes", "Bytes of state of all sessions and banks", store.total_state_bytes
+    )
     metrics.gauge("lossd_queue_depth", "Steps waiting for a turn", lambda: admission.waiting)
     metrics.gauge("lossd_steps_running", "Steps computing now", lambda: admission.running)
     return metrics

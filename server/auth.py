@@ -23,8 +23,9 @@ def parse_tokens(text: str, source: str) -> dict[str, str]:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise ValueError(f"{source}, entry {number}: expected 'TOKEN TENANT', got "
-                             f"{len(parts)} field(s)")
+            raise ValueError(
+                f"{source}, entry {number}: expected 'TOKEN TENANT', got {len(parts)} field(s)"
+            )
         token, tenant = parts
         tokens[token] = tenant
     if not tokens:

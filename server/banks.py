@@ -67,8 +67,16 @@ class BankStore:
         self._banks: dict[tuple[str, str], SharedBank] = {}
         self._lock = threading.Lock()
 
-    def create(self, tenant: str, name: str, num_features: int, dim: int, dtype: torch.dtype,
-               device: torch.device, seed: int | None = None) -> tuple[SharedBank, bool]:
+    def create(
+        self,
+        tenant: str,
+        name: str,
+        num_features: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int | None = None,
+    ) -> tuple[SharedBank, bool]:
         """Create a bank, or return the existing one of the same shape and dtype.
 
         Returns (bank, created); AlreadyExists when the name has another shape or dtype.
@@ -85,7 +93,8 @@ class BankStore:
         if existing.shape != (num_features, dim) or existing.dtype != dtype:
             raise AlreadyExists(
                 f"bank {name!r} exists with shape {existing.shape} and {existing.dtype}; "
-                f"asked for {(num_features, dim)} and {dtype}")
+                f"asked for {(num_features, dim)} and {dtype}"
+            )
         return existing, False
 
     def find(self, tenant: str, name: str) -> SharedBank | None:
@@ -114,7 +123,8 @@ class BankStore:
             if bank.sessions:
                 raise FailedPrecondition(
                     f"bank {name!r} is used by session(s) {', '.join(sorted(bank.sessions))}; "
-                    "delete them first")
+                    "delete them first"
+                )
             del self._banks[(tenant, name)]
         return bank
 
@@ -137,14 +147,16 @@ def bank_bytes(num_features: int, dim: int, dtype: torch.dtype) -> int:
 def check_bank_args(num_features: int, dim: int, dtype: torch.dtype) -> None:
     """InvalidArgument unless a bank of this shape and dtype makes sense."""
     if num_features < 1 or dim < 1:
-        raise InvalidArgument(f"Expected `num_features` and `dim` to be >= 1, but got "
-                              f"{num_features} and {dim}.")
+        raise InvalidArgument(
+            f"Expected `num_features` and `dim` to be >= 1, but got {num_features} and {dim}."
+        )
     if dtype not in BANK_DTYPES:
         raise InvalidArgument(f"Expected `dtype` to be a floating dtype, but got {dtype}.")
 
 
-def new_bank_module(num_features: int, dim: int, dtype: torch.dtype, device: torch.device,
-                    seed: int | None = None) -> MemoryBankModule:
+def new_bank_module(
+    num_features: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int | None = None
+) -> MemoryBankModule:
     """A MemoryBankModule of random unit rows (lightly's init), seeded."""
     seed = secrets.randbits(63) if seed is None else seed
     with _RNG_LOCK, torch.random.fork_rng(devices=[]):

@@ -55,8 +55,9 @@ def rpc_stream(method: Handler) -> Handler:
     status; a client that goes away ends it quietly."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, request_iterator: Iterator[Any], context: grpc.ServicerContext
-                ) -> Iterator[Any]:
+    def wrapper(
+        self: Any, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
         _current.loss, _current.tenant = "", ""
         try:
             yield from method(self, _checked(request_iterator), context)
@@ -79,13 +80,15 @@ def _checked(requests: Iterator[Any]) -> Iterator[Any]:
         yield request
 
 
-def observe_step(servicer: Any, code: grpc.StatusCode, seconds: float, bytes_in: int,
-                 bytes_out: int) -> None:
+def observe_step(
+    servicer: Any, code: grpc.StatusCode, seconds: float, bytes_in: int, bytes_out: int
+) -> None:
     """Count one step of a stream like a call."""
     metrics = getattr(servicer, "metrics", None)
     if metrics is not None:
-        metrics.observe("ComputeStream", getattr(_current, "loss", ""), code.name, seconds,
-                        bytes_in, bytes_out)
+        metrics.observe(
+            "ComputeStream", getattr(_current, "loss", ""), code.name, seconds, bytes_in, bytes_out
+        )
 
 
 def log_failure(method: str, request: Any, code: grpc.StatusCode, message: str) -> None:
@@ -103,14 +106,21 @@ def log_failure(method: str, request: Any, code: grpc.StatusCode, message: str) 
     )
 
 
-def _observe(servicer: Any, method: str, code: grpc.StatusCode, start: float, request: Any,
-             response: Any) -> None:
+def _observe(
+    servicer: Any, method: str, code: grpc.StatusCode, start: float, request: Any, response: Any
+) -> None:
     metrics = getattr(servicer, "metrics", None)
     if metrics is None:
         return
     bytes_out = response.ByteSize() if response is not None else 0
-    metrics.observe(method, getattr(_current, "loss", ""), code.name,
-                    time.perf_counter() - start, request.ByteSize(), bytes_out)
+    metrics.observe(
+        method,
+        getattr(_current, "loss", ""),
+        code.name,
+        time.perf_counter() - start,
+        request.ByteSize(),
+        bytes_out,
+    )
 
 
 class Malformed:
@@ -128,20 +138,25 @@ class SafeRequests(grpc.ServerInterceptor):
     """Parses requests without letting a malformed one (say, nested past protobuf's
     recursion limit) escape as INTERNAL: it reaches the servicer as a Malformed."""
 
-    def intercept_service(self, continuation: Callable[..., Any],
-                          details: grpc.HandlerCallDetails) -> Any:
+    def intercept_service(
+        self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
+    ) -> Any:
         handler = continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
         parse = _safe(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                handler.unary_unary, request_deserializer=parse,
-                response_serializer=handler.response_serializer)
+                handler.unary_unary,
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                handler.stream_stream, request_deserializer=parse,
-                response_serializer=handler.response_serializer)
+                handler.stream_stream,
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
 

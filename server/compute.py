@@ -32,30 +32,42 @@ class Computer:
         self.admission = admission
         self.global_batch_timeout_s = global_batch_timeout_s
 
-    def compute(self, session: Session, request: pb.ComputeRequest,
-                chunks: Iterator[Tensor] | None = None) -> StepReply:
+    def compute(
+        self, session: Session, request: pb.ComputeRequest, chunks: Iterator[Tensor] | None = None
+    ) -> StepReply:
         """The reply to one request; a retried request id gets the first reply.
 
         `chunks` are the assembled chunks of a streamed request; tensors in shared memory
         are read from the session's regions.
         """
-        return session.replies.run(request.request_id,
-                                   lambda: self._compute(session, request, chunks))
+        return session.replies.run(
+            request.request_id, lambda: self._compute(session, request, chunks)
+        )
 
-    def _compute(self, session: Session, request: pb.ComputeRequest,
-                 chunks: Iterator[Tensor] | None) -> StepReply:
+    def _compute(
+        self, session: Session, request: pb.ComputeRequest, chunks: Iterator[Tensor] | None
+    ) -> StepReply:
         source = codec.Payloads(chunks, session.regions)
-        compute_dtype = (None if request.compute_dtype == tpb.DTYPE_UNSPECIFIED
-                         else _decode_dtype(request.compute_dtype))
-        inputs = steps.decode_inputs(session.spec, request.args, session.device, source,
-                                     compute_dtype)
+        compute_dtype = (
+            None
+            if request.compute_dtype == tpb.DTYPE_UNSPECIFIED
+            else _decode_dtype(request.compute_dtype)
+        )
+        inputs = steps.decode_inputs(
+            session.spec, request.args, session.device, source, compute_dtype
+        )
         if not request.HasField("global_batch") or request.global_batch.world_size <= 1:
             result, grads = steps.run_step(session, inputs, self.admission)
             return steps.build_reply(inputs, result, grads, session.steps)
         batch = request.global_batch
         return session.global_steps.submit(
-            batch.step, batch.world_size, batch.rank, inputs, self.global_batch_timeout_s,
-            lambda shards: self._global_step(session, shards))
+            batch.step,
+            batch.world_size,
+            batch.rank,
+            inputs,
+            self.global_batch_timeout_s,
+            lambda shards: self._global_step(session, shards),
+        )
 
     def _global_step(self, session: Session, shards: list[StepInputs]) -> list[StepReply]:
         """Compute the global batch once; answer each rank its shard's gradients times W
@@ -72,8 +84,9 @@ class Computer:
                 if grad is not None and src is not None and src.per_sample:
                     grad = grad * len(shards)
                 own[id(t)] = grad
-            replies.append(steps.to_host(StepReply(tree, steps.grad_trees(shard, own),
-                                                   session.steps)))
+            replies.append(
+                steps.to_host(StepReply(tree, steps.grad_trees(shard, own), session.steps))
+            )
         return replies
 
 

@@ -59,8 +59,9 @@ def resolve_device(requested: str, default: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"Expected `device` to be auto, cpu, cuda or cuda:N, but got {name!r}."
-                         ) from None
+        raise ValueError(
+            f"Expected `device` to be auto, cpu, cuda or cuda:N, but got {name!r}."
+        ) from None
     if device.type == "cpu":
         return device
     if device.type != "cuda":
@@ -68,6 +69,8 @@ def resolve_device(requested: str, default: str = "auto") -> torch.device:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = 0 if device.index is None else device.index
     if index >= count:
-        raise ValueError(f"Expected `device` to be one of this server's {count} CUDA "
-                         f"device(s), but got {name!r}.")
+        raise ValueError(
+            f"Expected `device` to be one of this server's {count} CUDA "
+            f"device(s), but got {name!r}."
+        )
     return torch.device("cuda", index)

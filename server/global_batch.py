@@ -32,8 +32,9 @@ class Source:
     per_sample: bool
 
 
-def merge_shards(spec: LossSpec, shards: list[StepInputs]
-                 ) -> tuple[StepInputs, list[dict[int, Source]]]:
+def merge_shards(
+    spec: LossSpec, shards: list[StepInputs]
+) -> tuple[StepInputs, list[dict[int, Source]]]:
     """One StepInputs of the global batch, plus, per rank, the Source of each of its
     tensors: its own leaf, or rank 0's for arguments that are not per-sample.
 
@@ -58,8 +59,12 @@ def merge_shards(spec: LossSpec, shards: list[StepInputs]
         sizes = [_batch_size(spec, arg, shard) for shard in shards]
         merged.args[arg.name] = _concatenate(arg, values, sizes)
     # The graph holds every rank's per-sample leaves but only rank 0's other arguments.
-    merged.wanted = [t for rank, shard in enumerate(shards) for t in shard.wanted
-                     if id(t) in leaf_of[rank] and leaf_of[rank][id(t)].leaf == id(t)]
+    merged.wanted = [
+        t
+        for rank, shard in enumerate(shards)
+        for t in shard.wanted
+        if id(t) in leaf_of[rank] and leaf_of[rank][id(t)].leaf == id(t)
+    ]
     return merged, leaf_of
 
 
@@ -76,8 +81,9 @@ def _batch_size(spec: LossSpec, arg: Arg, shard: StepInputs) -> int | None:
         return None
     reference = shard.args.get(arg.views_of)
     if not isinstance(reference, Tensor) or reference.dim() == 0:
-        raise InvalidArgument(f"Expected `{arg.views_of}` to be a tensor to split `{arg.name}` "
-                              "into views.")
+        raise InvalidArgument(
+            f"Expected `{arg.views_of}` to be a tensor to split `{arg.name}` into views."
+        )
     return int(reference.shape[0])
 
 
@@ -95,8 +101,10 @@ def _concatenate(arg: Arg, values: list[Any], sizes: list[int | None]) -> Any:
     if isinstance(first, (list, tuple)):
         lengths = {len(v) if isinstance(v, (list, tuple)) else -1 for v in values}
         if len(lengths) != 1:
-            raise InvalidArgument(f"Expected `{arg.name}` to have the same number of items on "
-                                  f"every rank, but got {sorted(lengths)}.")
+            raise InvalidArgument(
+                f"Expected `{arg.name}` to have the same number of items on "
+                f"every rank, but got {sorted(lengths)}."
+            )
         items = [_concatenate(arg, [v[i] for v in values], sizes) for i in range(len(first))]
         return items if isinstance(first, list) else tuple(items)
     _check_equal(arg.name, values)
@@ -107,8 +115,10 @@ def _view_major(name: str, values: list[Tensor], sizes: list[int | None]) -> lis
     """(V * B_r, ...) shards -> the global (V * sum B_r, ...) rows, view by view."""
     views = {t.shape[0] // b if b else -1 for t, b in zip(values, sizes)}
     if len(views) != 1 or any(not b or t.shape[0] % b for t, b in zip(values, sizes)):
-        raise InvalidArgument(f"Expected `{name}` to hold the same number of views on every "
-                              "rank, each as many rows as the rank's batch.")
+        raise InvalidArgument(
+            f"Expected `{name}` to hold the same number of views on every "
+            "rank, each as many rows as the rank's batch."
+        )
     (num_views,) = views
     parts = []
     for v in range(num_views):
@@ -123,8 +133,10 @@ def _cat(name: str, tensors: list[Tensor]) -> Tensor:
         return torch.cat(tensors)
     except RuntimeError as error:
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
-        raise InvalidArgument(f"Expected the ranks' `{name}` to concatenate along dim 0, but "
-                              f"got shapes {shapes}: {error}") from None
+        raise InvalidArgument(
+            f"Expected the ranks' `{name}` to concatenate along dim 0, but "
+            f"got shapes {shapes}: {error}"
+        ) from None
 
 
 def _check_equal(name: str, values: list[Any]) -> None:
@@ -133,13 +145,19 @@ def _check_equal(name: str, values: list[Any]) -> None:
         if not _same(first, value):
             raise InvalidArgument(
                 f"Expected `{name}` to be the same on every rank (it is not per-sample), but "
-                f"ranks 0 and {rank} differ.")
+                f"ranks 0 and {rank} differ."
+            )
 
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and bool(torch.equal(a.detach(), b.detach())))
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a.detach(), b.detach()))
+        )
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return bool(a == b)
@@ -163,8 +181,15 @@ class GlobalSteps:
         self._open: dict[int, _Rendezvous] = {}
         self._lock = threading.Lock()
 
-    def submit(self, step: int, world_size: int, rank: int, shard: Any, timeout: float,
-               compute: Callable[[list[Any]], list[Any]]) -> Any:
+    def submit(
+        self,
+        step: int,
+        world_size: int,
+        rank: int,
+        shard: Any,
+        timeout: float,
+        compute: Callable[[list[Any]], list[Any]],
+    ) -> Any:
         """Hand in rank's shard of `step`; return rank's reply once all shards are in.
 
         The rank completing the step runs `compute(shards in rank order)`, which returns
@@ -178,11 +203,14 @@ class GlobalSteps:
             if meeting is None:
                 meeting = self._open[step] = _Rendezvous(world_size, time.monotonic() + timeout)
             if meeting.world_size != world_size:
-                raise InvalidArgument(f"Expected `world_size` {meeting.world_size} like the other "
-                                      f"ranks of step {step}, but got {world_size}.")
+                raise InvalidArgument(
+                    f"Expected `world_size` {meeting.world_size} like the other "
+                    f"ranks of step {step}, but got {world_size}."
+                )
             if rank in meeting.shards:
-                raise InvalidArgument(f"rank {rank} sent step {step} twice (with another "
-                                      "request id)")
+                raise InvalidArgument(
+                    f"rank {rank} sent step {step} twice (with another request id)"
+                )
             meeting.shards[rank] = shard
             last = len(meeting.shards) == world_size
             if last:
@@ -217,5 +245,6 @@ class GlobalSteps:
         meeting.error = Aborted(
             f"global step {step}: rank(s) {', '.join(map(str, missing))} of "
             f"{meeting.world_size} did not arrive within {timeout:g} s; the step was not "
-            "computed and no state changed")
+            "computed and no state changed"
+        )
         meeting.done.set()

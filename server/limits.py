@@ -78,8 +78,9 @@ class Admission:
         """fn() on a compute thread, once one is free; its result or its exception."""
         with self._lock:
             if self._waiting >= self._queued:
-                raise ResourceExhausted(f"server busy: {self._waiting} steps already wait for a "
-                                        "turn; retry later")
+                raise ResourceExhausted(
+                    f"server busy: {self._waiting} steps already wait for a turn; retry later"
+                )
             self._waiting += 1
         try:
             self._slots.acquire()

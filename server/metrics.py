@@ -14,16 +14,29 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("lossd_requests", "RPCs by method, loss and status code",
-                                ["method", "loss", "code"], registry=self.registry)
-        self.latency = Histogram("lossd_request_seconds", "RPC latency by method and loss",
-                                 ["method", "loss"], buckets=_LATENCY_BUCKETS,
-                                 registry=self.registry)
-        self.payload = Counter("lossd_payload_bytes", "Message bytes by method and direction",
-                               ["method", "direction"], registry=self.registry)
+        self.requests = Counter(
+            "lossd_requests",
+            "RPCs by method, loss and status code",
+            ["method", "loss", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lossd_request_seconds",
+            "RPC latency by method and loss",
+            ["method", "loss"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.payload = Counter(
+            "lossd_payload_bytes",
+            "Message bytes by method and direction",
+            ["method", "direction"],
+            registry=self.registry,
+        )
 
-    def observe(self, method: str, loss: str, code: str, seconds: float,
-                bytes_in: int, bytes_out: int) -> None:
+    def observe(
+        self, method: str, loss: str, code: str, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
         """Record one finished call (or one step of a stream)."""
         self.requests.labels(method, loss, code).inc()
         self.latency.labels(method, loss).observe(seconds)

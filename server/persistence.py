@@ -99,8 +99,9 @@ class Snapshotter:
     def restore(self) -> tuple[int, int]:
         """Load every readable bank, then every session; returns how many of each."""
         banks = sum(self._restore_bank(p, payload) for p, payload in self.dir.read_all("banks"))
-        sessions = sum(self._restore_session(p, payload)
-                       for p, payload in self.dir.read_all("sessions"))
+        sessions = sum(
+            self._restore_session(p, payload) for p, payload in self.dir.read_all("sessions")
+        )
         log.info("restored %d session(s) and %d bank(s) from %s", sessions, banks, self.dir.root)
         return sessions, banks
 
@@ -112,8 +113,13 @@ class Snapshotter:
             module = new_bank_module(int(rows.shape[0]), int(rows.shape[1]), rows.dtype, device)
             module.load_state_dict(state)
             module.cursor.rows_written = int(payload["rows_written"])
-            bank = SharedBank(payload["tenant"], payload["name"], module, device,
-                              created_at=float(payload["created_at"]))
+            bank = SharedBank(
+                payload["tenant"],
+                payload["name"],
+                module,
+                device,
+                created_at=float(payload["created_at"]),
+            )
         except Exception as error:  # noqa: BLE001 - skip what cannot be restored
             log.error("skipping bank snapshot %s: %s", path, error)
             return False
@@ -125,17 +131,27 @@ class Snapshotter:
         try:
             tenant, session_id = payload["tenant"], payload["session_id"]
             spec = registry.get(payload["loss"])
-            bank = (self.store.banks.get(tenant, payload["shared_bank"])
-                    if payload["shared_bank"] else None)
+            bank = (
+                self.store.banks.get(tenant, payload["shared_bank"])
+                if payload["shared_bank"]
+                else None
+            )
             device = bank.device if bank is not None else self._device(payload["device"])
             module = build_module(spec, payload["config"], device)
             _, unexpected = module.load_state_dict(payload["state"], strict=False)
             if unexpected:
                 raise ValueError(f"unexpected state {unexpected}")
-            session = Session(tenant=tenant, session_id=session_id, loss=spec.name,
-                              config=payload["config"], module=module, device=device,
-                              created_at=float(payload["created_at"]),
-                              steps=int(payload["steps"]), bank=bank)
+            session = Session(
+                tenant=tenant,
+                session_id=session_id,
+                loss=spec.name,
+                config=payload["config"],
+                module=module,
+                device=device,
+                created_at=float(payload["created_at"]),
+                steps=int(payload["steps"]),
+                bank=bank,
+            )
         except Exception as error:  # noqa: BLE001 - skip what cannot be restored
             log.error("skipping session snapshot %s: %s", path, error)
             return False
@@ -167,12 +183,18 @@ class Snapshotter:
                 return False
             version = session.version
             payload = {
-                "format": FORMAT, "tenant": session.tenant, "session_id": session.session_id,
-                "loss": session.loss, "config": session.config, "device": str(session.device),
-                "steps": session.steps, "created_at": session.created_at,
+                "format": FORMAT,
+                "tenant": session.tenant,
+                "session_id": session.session_id,
+                "loss": session.loss,
+                "config": session.config,
+                "device": str(session.device),
+                "steps": session.steps,
+                "created_at": session.created_at,
                 "shared_bank": session.bank.name if session.bank is not None else "",
-                "state": {k: v.detach().to("cpu", copy=True)
-                          for k, v in session.own_state().items()},
+                "state": {
+                    k: v.detach().to("cpu", copy=True) for k, v in session.own_state().items()
+                },
             }
         if self.store.find(session.tenant, session.session_id) is not session:
             return False  # deleted meanwhile
@@ -187,11 +209,15 @@ class Snapshotter:
                 return False
             version = bank.version
             payload = {
-                "format": FORMAT, "tenant": bank.tenant, "name": bank.name,
-                "device": str(bank.device), "created_at": bank.created_at,
+                "format": FORMAT,
+                "tenant": bank.tenant,
+                "name": bank.name,
+                "device": str(bank.device),
+                "created_at": bank.created_at,
                 "rows_written": bank.rows_written,
-                "state": {k: v.detach().to("cpu", copy=True)
-                          for k, v in bank.module.state_dict().items()},
+                "state": {
+                    k: v.detach().to("cpu", copy=True) for k, v in bank.module.state_dict().items()
+                },
             }
         self.dir.write(self.dir.path(*key), payload)
         self._saved[key] = version
@@ -215,8 +241,7 @@ class Snapshotter:
 
     def start(self) -> None:
         if self.interval_s > 0:
-            self._thread = threading.Thread(target=self._loop, name="lossd-snapshots",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._loop, name="lossd-snapshots", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

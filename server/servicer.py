@@ -35,10 +35,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
     are looked up within it, so tenants never see each other's.
     """
 
-    def __init__(self, store: SessionStore, computer: Computer, auth: Authenticator,
-                 metrics: Metrics | None = None, snapshots: Snapshotter | None = None,
-                 shared_memory_dir: str | None = None, max_region_bytes: int = 2**31,
-                 chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        computer: Computer,
+        auth: Authenticator,
+        metrics: Metrics | None = None,
+        snapshots: Snapshotter | None = None,
+        shared_memory_dir: str | None = None,
+        max_region_bytes: int = 2**31,
+        chunk_bytes: int = stream.DEFAULT_CHUNK_BYTES,
+    ) -> None:
         self.store = store
         self.shared_memory_dir = shared_memory_dir
         self.max_region_bytes = max_region_bytes
@@ -64,53 +71,70 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # -- catalog and sessions --------------------------------------------------------------
 
     @rpc_method
-    def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext
-                   ) -> pb.ListLossesResponse:
+    def ListLosses(
+        self, request: pb.ListLossesRequest, context: grpc.ServicerContext
+    ) -> pb.ListLossesResponse:
         self._tenant(context)
         return self._catalog
 
     @rpc_method
-    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
-                      ) -> pb.Session:
+    def CreateSession(
+        self, request: pb.CreateSessionRequest, context: grpc.ServicerContext
+    ) -> pb.Session:
         tenant = self._tenant(context)
         note(loss=request.loss)
         config = _decode(codec.decode_values, request.config)
-        dtype = (_dtype(request.shared_bank_dtype)
-                 if request.shared_bank_dtype != tpb.DTYPE_UNSPECIFIED else None)
+        dtype = (
+            _dtype(request.shared_bank_dtype)
+            if request.shared_bank_dtype != tpb.DTYPE_UNSPECIFIED
+            else None
+        )
         session, created = self.store.create(
-            tenant, request.loss, config, request.session_id,
-            request.seed if request.HasField("seed") else None, request.device,
-            request.shared_bank, dtype, request.attach_only)
+            tenant,
+            request.loss,
+            config,
+            request.session_id,
+            request.seed if request.HasField("seed") else None,
+            request.device,
+            request.shared_bank,
+            dtype,
+            request.attach_only,
+        )
         return session_message(session, created=created)
 
     @rpc_method
-    def GetSession(self, request: pb.GetSessionRequest, context: grpc.ServicerContext
-                   ) -> pb.Session:
+    def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.ServicerContext
+    ) -> pb.Session:
         return session_message(self._session(context, request.session_id))
 
     @rpc_method
-    def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
-                     ) -> pb.ListSessionsResponse:
+    def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSessionsResponse:
         sessions = self.store.all(self._tenant(context))
         return pb.ListSessionsResponse(sessions=[session_message(s) for s in sessions])
 
     @rpc_method
-    def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
-                      ) -> pb.DeleteSessionResponse:
+    def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteSessionResponse:
         self.store.delete(self._tenant(context), request.session_id)
         return pb.DeleteSessionResponse()
 
     # -- steps -----------------------------------------------------------------------------
 
     @rpc_method
-    def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext
-                ) -> pb.ComputeResponse:
+    def Compute(
+        self, request: pb.ComputeRequest, context: grpc.ServicerContext
+    ) -> pb.ComputeResponse:
         session = self._session(context, request.session_id)
         return self.computer.compute(session, request).encode(_output_sink(session, request))
 
     @rpc_stream
-    def ComputeStream(self, request_iterator: Iterator[pb.StreamMessage],
-                      context: grpc.ServicerContext) -> Iterator[pb.StreamMessage]:
+    def ComputeStream(
+        self, request_iterator: Iterator[pb.StreamMessage], context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamMessage]:
         tenant = self._tenant(context)
         assembler = stream.Assembler()
         received, start = 0, time.perf_counter()
@@ -133,13 +157,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 for out in self._stream_step(tenant, assembler):
                     sent += out.ByteSize()
                     yield out
-                code = grpc.StatusCode.OK if out.WhichOneof("kind") != "error" else (
-                    _code(out.error.code))
+                code = (
+                    grpc.StatusCode.OK
+                    if out.WhichOneof("kind") != "error"
+                    else (_code(out.error.code))
+                )
                 observe_step(self, code, time.perf_counter() - start, received, sent)
                 received = 0
 
-    def _stream_step(self, tenant: str, assembler: stream.Assembler
-                     ) -> Iterator[pb.StreamMessage]:
+    def _stream_step(self, tenant: str, assembler: stream.Assembler) -> Iterator[pb.StreamMessage]:
         request: pb.ComputeRequest = assembler.message
         try:
             session = self.store.get(tenant, request.session_id)
@@ -148,19 +174,24 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception as error:  # noqa: BLE001 - a failed step does not end the stream
             code, message = status_of(error)
             log_failure("ComputeStream", request, code, message)
-            yield pb.StreamMessage(error=pb.StepError(
-                request_id=request.request_id, code=code.value[0], message=message))
+            yield pb.StreamMessage(
+                error=pb.StepError(
+                    request_id=request.request_id, code=code.value[0], message=message
+                )
+            )
             return
         chunker = codec.Chunker(self.chunk_bytes)
         response = reply.encode(codec.Sinks(_output_sink(session, request), chunker))
         yield from stream.frames(pb.StreamMessage(response=response), chunker)
 
     @rpc_stream
-    def AttachMemory(self, request_iterator: Iterator[pb.MemoryLease],
-                     context: grpc.ServicerContext) -> Iterator[pb.MemoryLease]:
+    def AttachMemory(
+        self, request_iterator: Iterator[pb.MemoryLease], context: grpc.ServicerContext
+    ) -> Iterator[pb.MemoryLease]:
         if self.shared_memory_dir is None:
-            raise FailedPrecondition("this server takes no shared memory; start it with "
-                                     "--shared-memory")
+            raise FailedPrecondition(
+                "this server takes no shared memory; start it with --shared-memory"
+            )
         tenant = self._tenant(context)
         lent: dict[str, tuple[Session, str]] = {}  # session id -> its region from this stream
         try:
@@ -201,8 +232,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # -- shared banks ----------------------------------------------------------------------
 
     @rpc_method
-    def CreateBank(self, request: pb.CreateBankRequest, context: grpc.ServicerContext
-                   ) -> pb.Bank:
+    def CreateBank(self, request: pb.CreateBankRequest, context: grpc.ServicerContext) -> pb.Bank:
         tenant = self._tenant(context)
         check_id("name", request.name)
         dtype = _dtype(request.dtype) if request.dtype != tpb.DTYPE_UNSPECIFIED else torch.float32
@@ -211,8 +241,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if self.banks.find(tenant, request.name) is None:
             self.store.check_room(tenant, size)
         bank, created = self.banks.create(
-            tenant, request.name, request.num_features, request.dim, dtype, device,
-            request.seed if request.HasField("seed") else None)
+            tenant,
+            request.name,
+            request.num_features,
+            request.dim,
+            dtype,
+            device,
+            request.seed if request.HasField("seed") else None,
+        )
         return bank_message(bank, created=created)
 
     @rpc_method
@@ -220,29 +256,31 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return bank_message(self.banks.get(self._tenant(context), request.name))
 
     @rpc_method
-    def ListBanks(self, request: pb.ListBanksRequest, context: grpc.ServicerContext
-                  ) -> pb.ListBanksResponse:
+    def ListBanks(
+        self, request: pb.ListBanksRequest, context: grpc.ServicerContext
+    ) -> pb.ListBanksResponse:
         banks = self.banks.all(self._tenant(context))
         return pb.ListBanksResponse(banks=[bank_message(b) for b in banks])
 
     @rpc_method
-    def DeleteBank(self, request: pb.DeleteBankRequest, context: grpc.ServicerContext
-                   ) -> pb.DeleteBankResponse:
+    def DeleteBank(
+        self, request: pb.DeleteBankRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteBankResponse:
         bank = self.banks.delete(self._tenant(context), request.name)
         if self.snapshots is not None:
             self.snapshots.forget_bank(bank)
         return pb.DeleteBankResponse()
 
     @rpc_method
-    def GetBankState(self, request: pb.GetBankRequest, context: grpc.ServicerContext
-                     ) -> pb.State:
+    def GetBankState(self, request: pb.GetBankRequest, context: grpc.ServicerContext) -> pb.State:
         bank = self.banks.get(self._tenant(context), request.name)
         with bank.lock:
             return state_message(bank.module, bank.rows_written)
 
     @rpc_method
-    def SetBankState(self, request: pb.SetBankStateRequest, context: grpc.ServicerContext
-                     ) -> pb.State:
+    def SetBankState(
+        self, request: pb.SetBankStateRequest, context: grpc.ServicerContext
+    ) -> pb.State:
         bank = self.banks.get(self._tenant(context), request.name)
         tensors = decode_state(request.tensors)
         with bank.lock:
@@ -253,8 +291,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # -- durability ------------------------------------------------------------------------
 
     @rpc_method
-    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext
-                 ) -> pb.SnapshotResponse:
+    def Snapshot(
+        self, request: pb.SnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.SnapshotResponse:
         tenant = self._tenant(context)
         if self.snapshots is None:
             raise Unavailable("this server keeps no state directory (--state-dir is empty)")
@@ -276,8 +315,10 @@ def _open_region(lease: pb.MemoryLease, directory: str, max_bytes: int) -> Share
     except ValueError as error:
         raise InvalidArgument(str(error)) from None
     except OSError as error:  # e.g. the client is on another host
-        raise FailedPrecondition(f"cannot map {lease.path!r} ({error.strerror}); shared memory "
-                                 "works only when client and server share a host") from None
+        raise FailedPrecondition(
+            f"cannot map {lease.path!r} ({error.strerror}); shared memory "
+            "works only when client and server share a host"
+        ) from None
 
 
 def release_regions(session: Session) -> None:
@@ -315,9 +356,17 @@ def bank_message(bank: SharedBank, created: bool = False) -> pb.Bank:
     """The Bank message of a shared bank."""
     num_features, dim = bank.shape
     return pb.Bank(
-        name=bank.name, num_features=num_features, dim=dim, dtype=codec.wire_dtype(bank.dtype),
-        device=str(bank.device), pointer=bank.pointer, rows_written=bank.rows_written,
-        sessions=sorted(bank.sessions), created_at=bank.created_at, created=created)
+        name=bank.name,
+        num_features=num_features,
+        dim=dim,
+        dtype=codec.wire_dtype(bank.dtype),
+        device=str(bank.device),
+        pointer=bank.pointer,
+        rows_written=bank.rows_written,
+        sessions=sorted(bank.sessions),
+        created_at=bank.created_at,
+        created=created,
+    )
 
 
 def state_message(module: nn.Module, steps: int) -> pb.State:
@@ -332,13 +381,15 @@ def decode_state(tensors: dict[str, pb.Tensor]) -> dict[str, torch.Tensor]:
     decoded = _decode(codec.decode_tensors, tensors)
     for name, t in decoded.items():
         if t.is_floating_point() and not steps.all_finite(t):
-            raise InvalidArgument(f"Expected state `{name}` to hold finite values, but it "
-                                  "holds NaN or Inf.")
+            raise InvalidArgument(
+                f"Expected state `{name}` to hold finite values, but it holds NaN or Inf."
+            )
     return decoded
 
 
-def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], names: tuple[str, ...],
-               owner: str) -> None:
+def load_state(
+    module: nn.Module, tensors: dict[str, torch.Tensor], names: tuple[str, ...], owner: str
+) -> None:
     """Load `tensors` as the module's whole state, or change nothing (call with its locks
     held). Names must be among `names`; shapes that do not fit raise FailedPrecondition.
 
@@ -348,12 +399,15 @@ def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], names: tuple
     """
     unknown = sorted(set(tensors) - set(names))
     if unknown:
-        raise InvalidArgument(f"{owner} has no state {', '.join(map(repr, unknown))}; its "
-                              f"state names are {', '.join(sorted(names)) or 'none'}")
+        raise InvalidArgument(
+            f"{owner} has no state {', '.join(map(repr, unknown))}; its "
+            f"state names are {', '.join(sorted(names)) or 'none'}"
+        )
     missing = sorted(set(module.state_dict()) - set(tensors))
     if missing:
-        raise InvalidArgument(f"state is missing {', '.join(map(repr, missing))}; the whole "
-                              "state is replaced at once")
+        raise InvalidArgument(
+            f"state is missing {', '.join(map(repr, missing))}; the whole state is replaced at once"
+        )
     try:
         copy.deepcopy(module).load_state_dict(tensors, strict=True)
     except RuntimeError as error:

@@ -81,8 +81,9 @@ class Session:
         state = self.module.state_dict()
         if self.bank is not None and self.spec.bank is not None:
             prefix = f"{self.spec.bank.module}." if self.spec.bank.module else ""
-            state = {k: v for k, v in state.items()
-                     if k not in (f"{prefix}bank", f"{prefix}bank_ptr")}
+            state = {
+                k: v for k, v in state.items() if k not in (f"{prefix}bank", f"{prefix}bank_ptr")
+            }
         return state
 
     def state_bytes(self) -> int:
@@ -100,8 +101,11 @@ def canonical_config(spec: registry.LossSpec, config: dict[str, Any]) -> dict[st
         raise InvalidArgument(f"{spec.name}: {error}; its parameters are: {names}") from None
     bound.apply_defaults()
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {name: _as_lists(value) for name, value in bound.arguments.items()
-            if spec.constructor.parameters[name].kind in named}
+    return {
+        name: _as_lists(value)
+        for name, value in bound.arguments.items()
+        if spec.constructor.parameters[name].kind in named
+    }
 
 
 def _as_lists(value: Any) -> Any:
@@ -113,8 +117,10 @@ def _as_lists(value: Any) -> Any:
 def check_id(kind: str, value: str) -> None:
     """Session ids and bank names: 1 to 128 printable characters."""
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
-        raise InvalidArgument(f"Expected `{kind}` to be 1 to {MAX_ID_LENGTH} printable "
-                              f"characters, but got {value[:MAX_ID_LENGTH]!r}.")
+        raise InvalidArgument(
+            f"Expected `{kind}` to be 1 to {MAX_ID_LENGTH} printable "
+            f"characters, but got {value[:MAX_ID_LENGTH]!r}."
+        )
 
 
 class SessionStore:
@@ -124,8 +130,13 @@ class SessionStore:
     `on_remove` callbacks run (outside the lock) for every deleted or expired session.
     """
 
-    def __init__(self, resolve_device: Callable[[str], torch.device], ttl_s: float,
-                 banks: BankStore | None = None, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        resolve_device: Callable[[str], torch.device],
+        ttl_s: float,
+        banks: BankStore | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self._resolve_device = resolve_device
         self.ttl_s = ttl_s
         self.limits = limits or Limits()
@@ -178,12 +189,21 @@ class SessionStore:
             raise NotFound(f"session {session_id!r} not found on this server")
         resolved = self._resolve_device(device)
         if bank is not None and bank.device != resolved:
-            raise FailedPrecondition(f"bank {bank.name!r} lives on {bank.device}, the session "
-                                     f"would compute on {resolved}")
+            raise FailedPrecondition(
+                f"bank {bank.name!r} lives on {bank.device}, the session "
+                f"would compute on {resolved}"
+            )
         self._check_room(tenant, 0 if bank else estimate_state_bytes(spec, full))
         module = _build(spec, full, seed, resolved)
-        session = Session(tenant=tenant, session_id=session_id, loss=loss, config=full,
-                          module=module, device=resolved, bank=bank)
+        session = Session(
+            tenant=tenant,
+            session_id=session_id,
+            loss=loss,
+            config=full,
+            module=module,
+            device=resolved,
+            bank=bank,
+        )
         with self._lock:
             winner = self._sessions.setdefault((tenant, session_id), session)
             if winner is session and bank is not None:
@@ -228,8 +248,11 @@ class SessionStore:
         """Remove sessions idle for longer than the TTL (not those computing now)."""
         now = time.time() if now is None else now
         with self._lock:
-            idle = [s for s in self._sessions.values()
-                    if now - s.last_used_at > self.ttl_s and not s.lock.locked()]
+            idle = [
+                s
+                for s in self._sessions.values()
+                if now - s.last_used_at > self.ttl_s and not s.lock.locked()
+            ]
             for session in idle:
                 del self._sessions[(session.tenant, session.session_id)]
                 self._detach(session)
@@ -248,17 +271,21 @@ class SessionStore:
     def _check_room(self, tenant: str, new_bytes: int, new_session: bool = True) -> None:
         limits = self.limits
         if new_session and len(self.all(tenant)) >= limits.max_sessions_per_tenant:
-            raise ResourceExhausted(f"tenant has {limits.max_sessions_per_tenant} sessions, the "
-                                    "most allowed; delete some first")
+            raise ResourceExhausted(
+                f"tenant has {limits.max_sessions_per_tenant} sessions, the "
+                "most allowed; delete some first"
+            )
         if new_bytes > limits.max_session_state_bytes:
             raise ResourceExhausted(
                 f"the state would take {_mib(new_bytes)}; at most "
-                f"{_mib(limits.max_session_state_bytes)} per session or bank")
+                f"{_mib(limits.max_session_state_bytes)} per session or bank"
+            )
         used = self.total_state_bytes()
         if used + new_bytes > limits.max_state_bytes:
             raise ResourceExhausted(
                 f"the state would take {_mib(new_bytes)}, and {_mib(used)} of the server's "
-                f"{_mib(limits.max_state_bytes)} are in use")
+                f"{_mib(limits.max_state_bytes)} are in use"
+            )
 
     def find(self, tenant: str, session_id: str) -> Session | None:
         """The tenant's session with this id, or None."""
@@ -275,21 +302,24 @@ class SessionStore:
             callback(session)
 
     @staticmethod
-    def _attach(session: Session, loss: str, config: dict[str, Any],
-                bank: SharedBank | None) -> Session:
+    def _attach(
+        session: Session, loss: str, config: dict[str, Any], bank: SharedBank | None
+    ) -> Session:
         if session.loss != loss or session.config != config or session.bank is not bank:
             theirs = f" on bank {session.bank.name!r}" if session.bank else ""
             mine = f" on bank {bank.name!r}" if bank else ""
             raise AlreadyExists(
                 f"session {session.session_id!r} exists with {session.loss}"
                 f"({_describe(session.config)}){theirs}; asked for {loss}"
-                f"({_describe(config)}){mine}")
+                f"({_describe(config)}){mine}"
+            )
         session.touch()
         return session
 
 
-def _build(spec: registry.LossSpec, config: dict[str, Any], seed: int | None,
-           device: torch.device) -> nn.Module:
+def _build(
+    spec: registry.LossSpec, config: dict[str, Any], seed: int | None, device: torch.device
+) -> nn.Module:
     """The loss module on `device`; its initial bank drawn from `seed`."""
     seed = secrets.randbits(63) if seed is None else seed
     with _RNG_LOCK, torch.random.fork_rng(devices=[]):
@@ -298,31 +328,37 @@ def _build(spec: registry.LossSpec, config: dict[str, Any], seed: int | None,
     return module.to(device)
 
 
-def build_module(spec: registry.LossSpec, config: dict[str, Any], device: torch.device
-                 ) -> nn.Module:
+def build_module(
+    spec: registry.LossSpec, config: dict[str, Any], device: torch.device
+) -> nn.Module:
     """A module to load saved state into (its initial random bank is overwritten)."""
     return _build(spec, config, 0, device)
 
 
-def fit_bank(spec: registry.LossSpec, config: dict[str, Any], bank: SharedBank,
-             dtype: torch.dtype | None) -> dict[str, Any]:
+def fit_bank(
+    spec: registry.LossSpec, config: dict[str, Any], bank: SharedBank, dtype: torch.dtype | None
+) -> dict[str, Any]:
     """The config with its bank size set to the shared bank's shape (FailedPrecondition
     when it asks for another shape or dtype)."""
     if spec.bank is None:
-        raise InvalidArgument(f"Expected a loss with a memory bank for `shared_bank`, but "
-                              f"{spec.name} has none.")
+        raise InvalidArgument(
+            f"Expected a loss with a memory bank for `shared_bank`, but {spec.name} has none."
+        )
     shape = bank.shape
     if dtype is not None and dtype != bank.dtype:
-        raise FailedPrecondition(f"bank {bank.name!r} holds {bank.dtype} rows {shape}; the "
-                                 f"session asks for {dtype}")
+        raise FailedPrecondition(
+            f"bank {bank.name!r} holds {bank.dtype} rows {shape}; the session asks for {dtype}"
+        )
     asked = config.get(spec.bank.size_arg, 0)
     try:
         size = parse_bank_size(spec.bank.size_arg, asked)
     except ValueError as error:
         raise InvalidArgument(str(error)) from None
     if size != (0,) and (size[0] != shape[0] or (len(size) > 1 and size != shape)):
-        raise FailedPrecondition(f"bank {bank.name!r} has shape {shape}; the session asks for "
-                                 f"{spec.bank.size_arg}={tuple(size)}")
+        raise FailedPrecondition(
+            f"bank {bank.name!r} has shape {shape}; the session asks for "
+            f"{spec.bank.size_arg}={tuple(size)}"
+        )
     return {**config, spec.bank.size_arg: list(shape)}
 
 

@@ -37,9 +37,13 @@ class StepInputs:
     wire_dtypes: dict[int, torch.dtype] = field(default_factory=dict)
 
 
-def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: torch.device,
-                  source: codec.TensorSource | None = None,
-                  compute_dtype: torch.dtype | None = None) -> StepInputs:
+def decode_inputs(
+    spec: LossSpec,
+    messages: Mapping[str, tpb.Value],
+    device: torch.device,
+    source: codec.TensorSource | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> StepInputs:
     """Decode and check every argument against the registry before any state is touched.
 
     Checks: argument names, kinds and dtypes, byte lengths (in the codec) and that floats
@@ -49,19 +53,23 @@ def decode_inputs(spec: LossSpec, messages: Mapping[str, tpb.Value], device: tor
     names = [a.name for a in spec.args]
     unknown = sorted(set(messages) - set(names))
     if unknown:
-        raise InvalidArgument(f"{spec.name} has no argument {', '.join(map(repr, unknown))}; "
-                              f"its arguments are {', '.join(names)}")
+        raise InvalidArgument(
+            f"{spec.name} has no argument {', '.join(map(repr, unknown))}; "
+            f"its arguments are {', '.join(names)}"
+        )
     inputs = StepInputs(args={})
     for arg in sorted(spec.args, key=lambda a: a.name):  # the order chunks were sent in
         if arg.name not in messages:
             if spec.arg_default(arg.name) is inspect.Parameter.empty:
                 raise InvalidArgument(
-                    f"Expected `{arg.name}` ({arg.kind.value}), but it is missing.")
+                    f"Expected `{arg.name}` ({arg.kind.value}), but it is missing."
+                )
             continue
         hook = _TensorHook(arg, device, compute_dtype, inputs)
         try:
-            value = codec.decode_value(messages[arg.name], arg.name, tensor_hook=hook,
-                                       source=source)
+            value = codec.decode_value(
+                messages[arg.name], arg.name, tensor_hook=hook, source=source
+            )
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
         _check_kind(arg, value, spec.arg_default(arg.name))
@@ -81,13 +89,15 @@ class _TensorHook:
 
     def __call__(self, t: Tensor, msg: tpb.Tensor, path: str) -> Tensor:
         if self.arg.dtype is DType.FLOAT and not t.is_floating_point():
-            raise InvalidArgument(f"Expected `{path}` to be a floating-point tensor, "
-                                  f"but got {t.dtype}.")
+            raise InvalidArgument(
+                f"Expected `{path}` to be a floating-point tensor, but got {t.dtype}."
+            )
         if self.arg.dtype is DType.BOOL and t.dtype != torch.bool:
             raise InvalidArgument(f"Expected `{path}` to be a bool tensor, but got {t.dtype}.")
         if t.is_floating_point() and not all_finite(t):
-            raise InvalidArgument(f"Expected `{path}` to hold finite values, but it holds "
-                                  "NaN or Inf.")
+            raise InvalidArgument(
+                f"Expected `{path}` to hold finite values, but it holds NaN or Inf."
+            )
         if msg.requires_grad and not t.is_floating_point():
             raise InvalidArgument(f"`{path}` asks for a gradient but is {t.dtype}.")
         cast = self.compute_dtype if t.is_floating_point() else None
@@ -146,8 +156,9 @@ def _check_kind(arg: Arg, value: Any, default: Any) -> None:
     if value is None and default is None:
         return
     if not _KIND_CHECKS[arg.kind](value):
-        raise InvalidArgument(f"Expected `{arg.name}` to be {_KIND_WORDS[arg.kind]}, but got "
-                              f"{_describe(value)}.")
+        raise InvalidArgument(
+            f"Expected `{arg.name}` to be {_KIND_WORDS[arg.kind]}, but got {_describe(value)}."
+        )
 
 
 def _is_pair(v: Any) -> bool:
@@ -156,8 +167,9 @@ def _is_pair(v: Any) -> bool:
 
 _KIND_CHECKS = {
     Kind.TENSOR: lambda v: isinstance(v, Tensor),
-    Kind.TENSOR_LIST: lambda v: isinstance(v, (list, tuple))
-    and all(isinstance(t, Tensor) for t in v),
+    Kind.TENSOR_LIST: lambda v: (
+        isinstance(v, (list, tuple)) and all(isinstance(t, Tensor) for t in v)
+    ),
     Kind.TENSOR_PAIR: _is_pair,
     Kind.PAIR_LIST: lambda v: isinstance(v, (list, tuple)) and all(_is_pair(p) for p in v),
     Kind.NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -183,8 +195,9 @@ def _describe(value: Any) -> str:
     return f"{value!r}"
 
 
-def run_step(session: Session, inputs: StepInputs, admission: Admission
-             ) -> tuple[Any, dict[int, Tensor | None]]:
+def run_step(
+    session: Session, inputs: StepInputs, admission: Admission
+) -> tuple[Any, dict[int, Tensor | None]]:
     """Forward and backward in one state transaction, on a compute thread once admitted,
     under the session's lock (and its shared bank's): the state changes only if both
     succeed.
@@ -205,8 +218,7 @@ def _locked_step(session: Session, inputs: StepInputs) -> tuple[Any, list[Tensor
                 _check_finite(result)
                 grads = _gradients(result, inputs.wanted)
         except torch.OutOfMemoryError:
-            raise ResourceExhausted("out of memory computing this step; nothing changed"
-                                    ) from None
+            raise ResourceExhausted("out of memory computing this step; nothing changed") from None
         session.steps += 1
         session.changed()
     return result, grads
@@ -215,8 +227,10 @@ def _locked_step(session: Session, inputs: StepInputs) -> tuple[Any, list[Tensor
 def _check_finite(result: Any) -> None:
     """Refuse a step whose loss is NaN or Inf (its state changes are dropped with it)."""
     if isinstance(result, Tensor) and result.numel() == 1 and not bool(torch.isfinite(result)):
-        raise InvalidArgument("the loss of this step is not finite (NaN or Inf): inputs out of "
-                              "the range the loss can handle? Nothing changed.")
+        raise InvalidArgument(
+            "the loss of this step is not finite (NaN or Inf): inputs out of "
+            "the range the loss can handle? Nothing changed."
+        )
 
 
 def _gradients(result: Any, wanted: list[Tensor]) -> list[Tensor | None]:
@@ -244,8 +258,9 @@ class StepReply:
         return response
 
 
-def build_reply(inputs: StepInputs, result: Any, grads: Mapping[int, Tensor | None],
-                steps: int) -> StepReply:
+def build_reply(
+    inputs: StepInputs, result: Any, grads: Mapping[int, Tensor | None], steps: int
+) -> StepReply:
     """The StepReply of a step, on the host. `grads` maps id(tensor) of the arguments'
     tensors to their gradients."""
     return to_host(StepReply(result_tree(inputs, result), grad_trees(inputs, grads), steps))
@@ -253,8 +268,7 @@ def build_reply(inputs: StepInputs, result: Any, grads: Mapping[int, Tensor | No
 
 def result_tree(inputs: StepInputs, result: Any) -> Any:
     """The result, detached, with forward arguments returned as they are as InputRefs."""
-    refs = {id(v): codec.InputRef(name) for name, v in inputs.args.items()
-            if isinstance(v, Tensor)}
+    refs = {id(v): codec.InputRef(name) for name, v in inputs.args.items() if isinstance(v, Tensor)}
     return _replace(result, lambda t: refs.get(id(t), t.detach()))
 
 
@@ -262,8 +276,10 @@ def grad_trees(inputs: StepInputs, grads: Mapping[int, Tensor | None]) -> dict[s
     """Per argument that asked for any gradient: its gradients, shaped like it (and in
     the dtype its tensors came in)."""
     if inputs.wire_dtypes:
-        grads = {tid: g if g is None or tid not in inputs.wire_dtypes
-                 else g.to(inputs.wire_dtypes[tid]) for tid, g in grads.items()}
+        grads = {
+            tid: g if g is None or tid not in inputs.wire_dtypes else g.to(inputs.wire_dtypes[tid])
+            for tid, g in grads.items()
+        }
     trees = {}
     for name, value in inputs.args.items():
         tree = _grad_tree(value, grads)

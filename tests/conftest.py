@@ -21,8 +21,9 @@ def require_tool(available: bool, what: str) -> None:
     pytest.skip(f"{what} is not available")
 
 
-def start_server(interceptors: Sequence[grpc.ServerInterceptor] = (),
-                 **overrides: object) -> LossdServer:
+def start_server(
+    interceptors: Sequence[grpc.ServerInterceptor] = (), **overrides: object
+) -> LossdServer:
     """A started server on 127.0.0.1 and a free port; stop it when done."""
     config = ServerConfig(host="127.0.0.1", port=0, workers=8)
     for key, value in overrides.items():

@@ -46,9 +46,11 @@ def leaves(tree: Any) -> list[Tensor]:
 
 def as_leaves(args: dict[str, Any]) -> dict[str, Any]:
     """Copies of the step's arguments; floating tensors become leaves requiring grad."""
+
     def leaf(t: Tensor) -> Tensor:
         t = t.detach().clone()
         return t.requires_grad_(t.is_floating_point())
+
     return tree_map(leaf, args)
 
 
@@ -60,8 +62,9 @@ def assert_tree_close(actual: Any, expected: Any, rtol: float, atol: float, wher
     if isinstance(expected, Tensor):
         assert isinstance(actual, Tensor), f"{where}: expected a tensor, got {type(actual)}"
         assert actual.shape == expected.shape, f"{where}: shape {actual.shape} != {expected.shape}"
-        torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{where}: {m}")
+        torch.testing.assert_close(
+            actual.to(expected.dtype), expected, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {m}"
+        )
         return
     if isinstance(expected, dict):
         assert set(actual) == set(expected), f"{where}: keys {set(actual)} != {set(expected)}"

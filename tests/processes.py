@@ -49,10 +49,21 @@ class ServerProcess:
         self.log.parent.mkdir(exist_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lossd.cli", "serve", "--host", "127.0.0.1",
-                 "--port", str(self.port), *args],
-                stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                [
+                    sys.executable,
+                    "-m",
+                    "lossd.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    *args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            )
         wait_serving(self.target)
 
     def terminate(self, timeout: float = 60.0) -> int:

@@ -13,10 +13,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_quick_bench_prints_a_table_and_writes_json_and_a_plot(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "lossd.cli", "bench", "--quick", "--repeats", "1",
-         "--out", str(tmp_path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-        timeout=600, check=False)
+        [
+            sys.executable,
+            "-m",
+            "lossd.cli",
+            "bench",
+            "--quick",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "[1/" in done.stderr  # progress
     header = done.stdout.splitlines()[0]
@@ -26,5 +39,8 @@ def test_quick_bench_prints_a_table_and_writes_json_and_a_plot(tmp_path: Path) -
     assert all(set(row["remote_ms"]) == {"unary", "stream", "shm"} for row in report["rows"])
     assert report["throughput"]["4 clients steps/s"] > 0
     assert set(report["wire_precision"][report["rows"][0]["case"]]) == {
-        "float32", "float16", "bfloat16"}
+        "float32",
+        "float16",
+        "bfloat16",
+    }
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

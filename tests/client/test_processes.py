@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_python(code: str, target: str, *args: str) -> str:
     """Run `code` in a fresh interpreter with LOSSD_SERVER=target; return its stdout."""
     env = {**os.environ, "LOSSD_SERVER": target, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -40,8 +46,9 @@ STEP = """
 
 def test_second_process_attaches_to_the_same_session(target: str) -> None:
     with LossClient(target) as client:
-        mine = client.loss("NTXentLoss", session_id="shared-run", temperature=0.1,
-                           memory_bank_size=(32, 8), seed=3)
+        mine = client.loss(
+            "NTXentLoss", session_id="shared-run", temperature=0.1, memory_bank_size=(32, 8), seed=3
+        )
         initial = mine.state_dict()
     # Two steps from two other processes, as a restarted trainer would continue.
     first = run_python(STEP, target, "shared-run", "1").split()
@@ -57,8 +64,10 @@ def test_second_process_attaches_to_the_same_session(target: str) -> None:
         assert float(grad_norm) == out0.grad.norm().item()
     with LossClient(target) as client:
         assert client.get_session("shared-run").steps == 2
-        assert torch.equal(client.get_state("shared-run")["memory_bank.bank"],
-                           local.state_dict()["memory_bank.bank"])
+        assert torch.equal(
+            client.get_state("shared-run")["memory_bank.bank"],
+            local.state_dict()["memory_bank.bank"],
+        )
 
 
 WORKER = """
@@ -72,17 +81,24 @@ WORKER = """
         for step in range(10):
             teacher = [torch.randn(8, 16, generator=g) for _ in range(2)]
             student = [torch.randn(8, 16, generator=g) for _ in range(4)]
-            assert torch.equal(remote(teacher, student, epoch=step), local(teacher, student, epoch=step))
+            got = remote(teacher, student, epoch=step)
+            assert torch.equal(got, local(teacher, student, epoch=step))
         assert torch.equal(remote.state_dict()["center"], local.center)
     print("ok")
 """
 
 
 def test_parallel_sessions_from_processes_and_threads(target: str) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER), str(seed)],
-                              env={**os.environ, "LOSSD_SERVER": target, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for seed in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(WORKER), str(seed)],
+            env={**os.environ, "LOSSD_SERVER": target, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(3)
+    ]
     errors: list[BaseException] = []
 
     def thread_worker(seed: int) -> None:
@@ -96,8 +112,9 @@ def test_parallel_sessions_from_processes_and_threads(target: str) -> None:
                     x = torch.randn(8, 8, generator=g, requires_grad=True)
                     y = torch.randn(8, 8, generator=g)
                     assert torch.equal(remote(x, y).detach(), local(x, y).detach())
-                assert torch.equal(remote.state_dict()["memory_bank.bank"],
-                                   local.state_dict()["memory_bank.bank"])
+                assert torch.equal(
+                    remote.state_dict()["memory_bank.bank"], local.state_dict()["memory_bank.bank"]
+                )
         except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
             errors.append(error)
 

@@ -22,8 +22,10 @@ from lossd.losses import registry
 
 def pair(batch: int = 8, dim: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, dim, generator=g, requires_grad=True),
-            torch.randn(batch, dim, generator=g, requires_grad=True))
+    return (
+        torch.randn(batch, dim, generator=g, requires_grad=True),
+        torch.randn(batch, dim, generator=g, requires_grad=True),
+    )
 
 
 def leaf_copy(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -35,11 +37,11 @@ def test_gradients_flow_through_scaling_and_other_terms(client: LossClient) -> N
     local = local_api.NTXentLoss(temperature=0.2)
     w = torch.randn(6, 6, requires_grad=True)
     x, y = pair()
-    (3.0 * remote(x @ w, y) + (x ** 2).sum()).backward()
+    (3.0 * remote(x @ w, y) + (x**2).sum()).backward()
     w_remote, x_remote = w.grad.clone(), x.grad.clone()
     w.grad = None
     x2, y2 = leaf_copy(x, y)
-    (3.0 * local(x2 @ w, y2) + (x2 ** 2).sum()).backward()
+    (3.0 * local(x2 @ w, y2) + (x2**2).sum()).backward()
     torch.testing.assert_close(w_remote, w.grad)
     torch.testing.assert_close(x_remote, x2.grad)
     torch.testing.assert_close(y.grad, y2.grad)
@@ -87,12 +89,17 @@ def test_state_dict_round_trip_and_nesting(client: LossClient) -> None:
     x, y = pair()
     model.criterion(model.head(x), y).backward()
     state = model.state_dict()
-    assert {"head.weight", "head.bias", "criterion.memory_bank.bank",
-            "criterion.memory_bank.bank_ptr"} <= set(state)
+    assert {
+        "head.weight",
+        "head.bias",
+        "criterion.memory_bank.bank",
+        "criterion.memory_bank.bank_ptr",
+    } <= set(state)
     fresh = Model()
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.criterion.state_dict()["memory_bank.bank"],
-                       state["criterion.memory_bank.bank"])
+    assert torch.equal(
+        fresh.criterion.state_dict()["memory_bank.bank"], state["criterion.memory_bank.bank"]
+    )
     x2, y2 = pair(seed=3)
     a = model.criterion(x2, y2)
     b = fresh.criterion(*leaf_copy(x2, y2))

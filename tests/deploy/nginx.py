@@ -43,13 +43,14 @@ http {{
 def find_nginx() -> str | None:
     """The nginx binary (Debian installs it to /usr/sbin, not on a user's PATH)."""
     return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)),
-        None)
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
 
 
 def render(template: str, values: Mapping[str, str]) -> str:
     """Substitute `${NAME}` and `$NAME` for the given names only, as envsubst does when it
     is told which variables to replace; every other `$...` is nginx's and stays."""
+
     def substitute(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
         return values[name] if name in values else match.group(0)
@@ -76,8 +77,21 @@ def syntax_errors(binary: str, lossd_conf: str) -> str:
         (prefix / "lossd.conf").write_text(lossd_conf)
         (prefix / "nginx.conf").write_text(wrapper(prefix))
         checked = subprocess.run(
-            [binary, "-t", "-q", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-             "-e", str(prefix / "error.log")], capture_output=True, text=True, check=False)
+            [
+                binary,
+                "-t",
+                "-q",
+                "-p",
+                str(prefix),
+                "-c",
+                str(prefix / "nginx.conf"),
+                "-e",
+                str(prefix / "error.log"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         log = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
     return "" if checked.returncode == 0 else checked.stderr + log
 
@@ -102,11 +116,14 @@ class Nginx:
     def config(self) -> str:
         """The rendered lossd.conf: the template with this test's values."""
         servers = " ".join(f"server {r} max_fails=0;" for r in self.replicas)
-        return render(TEMPLATE.read_text(), {
-            "LOSSD_LISTEN": self.target,
-            "LOSSD_RESOLVER": "",  # loopback addresses: nothing to resolve
-            "LOSSD_UPSTREAM_SERVERS": servers,
-        })
+        return render(
+            TEMPLATE.read_text(),
+            {
+                "LOSSD_LISTEN": self.target,
+                "LOSSD_RESOLVER": "",  # loopback addresses: nothing to resolve
+                "LOSSD_UPSTREAM_SERVERS": servers,
+            },
+        )
 
     def __enter__(self) -> Nginx:
         errors = syntax_errors(self.binary, self.config())
@@ -115,10 +132,18 @@ class Nginx:
             raise RuntimeError(f"nginx rejects the rendered template:\n{errors}")
         (self.prefix / "lossd.conf").write_text(self.config())
         (self.prefix / "nginx.conf").write_text(wrapper(self.prefix))
-        command = [self.binary, "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"),
-                   "-e", str(self.prefix / "error.log")]
-        self._process = subprocess.Popen([*command, "-g", "daemon off;"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        command = [
+            self.binary,
+            "-p",
+            str(self.prefix),
+            "-c",
+            str(self.prefix / "nginx.conf"),
+            "-e",
+            str(self.prefix / "error.log"),
+        ]
+        self._process = subprocess.Popen(
+            [*command, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self._wait_until_listening(timeout=10.0)
         return self
 

@@ -21,16 +21,22 @@ from .nginx import ROOT
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LOSSD_DOCKER_SMOKE") != "1",
-                       reason="builds and runs the Docker image (minutes); "
-                              "set LOSSD_DOCKER_SMOKE=1"),
+    pytest.mark.skipif(
+        os.environ.get("LOSSD_DOCKER_SMOKE") != "1",
+        reason="builds and runs the Docker image (minutes); set LOSSD_DOCKER_SMOKE=1",
+    ),
 ]
 
 
 def test_the_image_builds_serves_and_computes() -> None:
-    done = subprocess.run(["bash", str(ROOT / "docker" / "smoke.sh")],
-                          env={**os.environ, "PYTHON": sys.executable},
-                          capture_output=True, text=True, timeout=1200, check=False)
+    done = subprocess.run(
+        ["bash", str(ROOT / "docker" / "smoke.sh")],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     print(done.stderr)  # the steps and their timings (pytest -rP shows them)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "smoke: PASSED" in done.stderr

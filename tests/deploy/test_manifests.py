@@ -21,7 +21,7 @@ def block_scalar(text: str, key: str) -> str:
     """The value of the YAML literal block `key: |` in `text` (clip chomping)."""
     lines = text.splitlines(keepends=True)
     start = next(i for i, line in enumerate(lines) if line.strip() == f"{key}: |")
-    body = lines[start + 1:]
+    body = lines[start + 1 :]
     indent = len(body[0]) - len(body[0].lstrip(" "))
     value = []
     for line in body:
@@ -39,7 +39,8 @@ def test_the_k8s_configmap_holds_the_template_verbatim() -> None:
     configmap = (DOCKER / "k8s" / "nginx-configmap.yaml").read_text()
     assert block_scalar(configmap, "lossd.conf.template") == TEMPLATE.read_text(), (
         "docker/k8s/nginx-configmap.yaml differs from docker/nginx/lossd.conf.template: "
-        "run docker/k8s/update-configmap.sh")
+        "run docker/k8s/update-configmap.sh"
+    )
 
 
 def test_compose_renders_the_template_for_each_replica() -> None:
@@ -68,8 +69,9 @@ def test_k8s_nginx_hashes_over_every_statefulset_replica() -> None:
 
 def test_the_image_copies_every_package_folder() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    folders = {path.split("/")[0] for path in
-               pyproject["tool"]["setuptools"]["package-dir"].values()}
+    folders = {
+        path.split("/")[0] for path in pyproject["tool"]["setuptools"]["package-dir"].values()
+    }
     dockerfile = (DOCKER / "Dockerfile").read_text()
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     for folder in folders:

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor, nn
+
 from lossd.client import LossClient, SessionNotFoundError, UnavailableError
 from lossd.losses import registry
 from lossd.server import LossdServer
 from lossd.v1 import codec
 from lossd.v1 import lossd_pb2 as pb
-from torch import Tensor, nn
-
 from tests.conftest import require_tool, start_server
 
 from .nginx import ROOT, TEMPLATE, Nginx, find_nginx, free_port, render, syntax_errors
@@ -116,9 +116,13 @@ def in_process(loss: str, config: dict[str, Any], seed: int) -> nn.Module:
         return registry.get(loss).cls(**config)
 
 
-def step_and_compare(remote: nn.Module, local: nn.Module,
-                     make: Callable[[torch.Generator, int], Inputs], seed: int,
-                     step: int) -> None:
+def step_and_compare(
+    remote: nn.Module,
+    local: nn.Module,
+    make: Callable[[torch.Generator, int], Inputs],
+    seed: int,
+    step: int,
+) -> None:
     """One step of `remote` and of `local` on equal inputs: equal losses and gradients."""
     args, kwargs, leaves = make(torch.Generator().manual_seed(seed), step)
     got = remote(*args, **kwargs)
@@ -135,7 +139,8 @@ def step_and_compare(remote: nn.Module, local: nn.Module,
 
 
 def test_each_session_lives_on_one_replica_and_matches_in_process(
-        cluster: Cluster, via_nginx: LossClient) -> None:
+    cluster: Cluster, via_nginx: LossClient
+) -> None:
     run = uuid.uuid4().hex[:8]
     sessions = []
     for i in range(SESSIONS):
@@ -183,10 +188,13 @@ def test_two_clients_share_one_session_through_nginx(cluster: Cluster) -> None:
     session_id = f"shared-{uuid.uuid4().hex[:8]}"
     config = {"temperature": 0.1, "memory_bank_size": (32, 8)}
     local = in_process("NTXentLoss", config, seed=7)
-    with LossClient(cluster.nginx.target, timeout=30) as first, \
-            LossClient(cluster.nginx.target, timeout=30, stream=True) as second:
-        remotes = [c.loss("NTXentLoss", session_id=session_id, seed=7, **config)
-                   for c in (first, second)]
+    with (
+        LossClient(cluster.nginx.target, timeout=30) as first,
+        LossClient(cluster.nginx.target, timeout=30, stream=True) as second,
+    ):
+        remotes = [
+            c.loss("NTXentLoss", session_id=session_id, seed=7, **config) for c in (first, second)
+        ]
         for step in range(4):
             step_and_compare(remotes[step % 2], local, ntxent_inputs, 500 + step, step)
         assert second.get_session(session_id).steps == 4
@@ -199,14 +207,16 @@ def test_two_clients_share_a_bank_through_nginx(cluster: Cluster) -> None:
     # Each trainer has its own session; both are attached to one shared bank, so their
     # calls are routed by the bank's name and must all reach the bank's replica.
     name = f"bank-{uuid.uuid4().hex[:8]}"
-    with LossClient(cluster.nginx.target, timeout=30) as first, \
-            LossClient(cluster.nginx.target, timeout=30, stream=True) as second:
+    with (
+        LossClient(cluster.nginx.target, timeout=30) as first,
+        LossClient(cluster.nginx.target, timeout=30, stream=True) as second,
+    ):
         first.create_bank(name, 16, 8, seed=2)
-        remotes = [c.loss("NTXentLoss", shared_bank=name, temperature=0.2)
-                   for c in (first, second)]
+        remotes = [c.loss("NTXentLoss", shared_bank=name, temperature=0.2) for c in (first, second)]
         local = registry.get("NTXentLoss").cls(temperature=0.2, memory_bank_size=(16, 8))
-        local.load_state_dict({f"memory_bank.{k}": v
-                               for k, v in second.get_bank_state(name).items()})
+        local.load_state_dict(
+            {f"memory_bank.{k}": v for k, v in second.get_bank_state(name).items()}
+        )
         for step, remote in enumerate(remotes * 3):  # one serial history in one bank
             step_and_compare(remote, local, ntxent_inputs, 700 + step, step)
         bank = first.get_bank(name)
@@ -223,7 +233,8 @@ def test_two_clients_share_a_bank_through_nginx(cluster: Cluster) -> None:
 
 
 def test_a_replica_without_the_session_answers_not_found(
-        cluster: Cluster, via_nginx: LossClient) -> None:
+    cluster: Cluster, via_nginx: LossClient
+) -> None:
     session_id = f"lost-{uuid.uuid4().hex[:8]}"
     remote = via_nginx.loss("NegativeCosineSimilarity", session_id=session_id)
     [home] = cluster.holders(session_id)
@@ -250,8 +261,7 @@ def test_a_replica_without_the_session_answers_not_found(
     assert cluster.holders(session_id) == [other]
 
 
-def test_large_step_and_calls_without_a_route(cluster: Cluster,
-                                              via_nginx: LossClient) -> None:
+def test_large_step_and_calls_without_a_route(cluster: Cluster, via_nginx: LossClient) -> None:
     # 2 x 24 MiB up, 24 MiB of gradient back: nginx's default 1 MiB body limit is off.
     assert "NTXentLoss" in {info.name for info in via_nginx.list_losses()}  # no route header
     remote = via_nginx.loss("NegativeCosineSimilarity")
@@ -268,8 +278,7 @@ def test_large_step_and_calls_without_a_route(cluster: Cluster,
     assert len(cluster.holders(remote.session_id)) == 1
 
 
-def test_a_stopped_replica_fails_its_calls_and_nginx_does_not_reroute(
-        nginx_binary: str) -> None:
+def test_a_stopped_replica_fails_its_calls_and_nginx_does_not_reroute(nginx_binary: str) -> None:
     # Own cluster: one of its replicas is stopped. With nginx's defaults (retry the next
     # upstream, mark a failing server down) the call would land on the other replica,
     # which would create a fresh session under the old id: silently lost state.
@@ -284,8 +293,7 @@ def test_a_stopped_replica_fails_its_calls_and_nginx_does_not_reroute(
                 replicas[home].stop(grace=0)
                 for _ in range(3):  # more than nginx's default max_fails of 1
                     with pytest.raises(UnavailableError):
-                        client.create_session("DINOLoss", session_id=session_id,
-                                              output_dim=8)
+                        client.create_session("DINOLoss", session_id=session_id, output_dim=8)
             live = cluster.replica_targets[1 - home]
             with LossClient(live, timeout=30) as direct, pytest.raises(SessionNotFoundError):
                 direct.get_session(session_id)
@@ -298,8 +306,11 @@ def setting(text: str, name: str) -> str:
     """The value of environment variable `name` in compose.yaml (`NAME: value`) or in a
     k8s container (`- name: NAME` then `value: ...`), folded `>-` scalars joined."""
     lines = text.splitlines()
-    i = next(i for i, line in enumerate(lines)
-             if line.strip() == f"- name: {name}" or line.strip().startswith(f"{name}:"))
+    i = next(
+        i
+        for i, line in enumerate(lines)
+        if line.strip() == f"- name: {name}" or line.strip().startswith(f"{name}:")
+    )
     if lines[i].strip() == f"- name: {name}":
         i += 1  # k8s: `value:` follows
     line = lines[i]
@@ -308,7 +319,7 @@ def setting(text: str, name: str) -> str:
         return value.strip('"')
     indent = len(line) - len(line.lstrip())
     folded = []
-    for more in lines[i + 1:]:
+    for more in lines[i + 1 :]:
         if len(more) - len(more.lstrip()) <= indent:
             break
         folded.append(more.strip())
@@ -316,21 +327,29 @@ def setting(text: str, name: str) -> str:
 
 
 @pytest.mark.parametrize("path", ["compose.yaml", "k8s/nginx.yaml"])
-def test_the_deployments_settings_render_a_config_nginx_accepts(nginx_binary: str,
-                                                                 path: str) -> None:
+def test_the_deployments_settings_render_a_config_nginx_accepts(
+    nginx_binary: str, path: str
+) -> None:
     text = (ROOT / "docker" / path).read_text()
-    values = {name: setting(text, name) for name in
-              ("LOSSD_LISTEN", "LOSSD_RESOLVER", "LOSSD_UPSTREAM_SERVERS")}
+    values = {
+        name: setting(text, name)
+        for name in ("LOSSD_LISTEN", "LOSSD_RESOLVER", "LOSSD_UPSTREAM_SERVERS")
+    }
     assert values["LOSSD_RESOLVER"].startswith("resolver ")
     assert values["LOSSD_UPSTREAM_SERVERS"].count("max_fails=0 resolve;") >= 2
     # Debian's nginx predates `resolve` (1.27.3), and nginx -t looks names up: check the
     # rest with loopback addresses in place of the replicas' and the DNS server's names.
-    servers = re.sub(r"server \S+:50051 (max_fails=0) resolve;",
-                     lambda m: f"server 127.0.0.1:{free_port()} {m.group(1)};",
-                     values["LOSSD_UPSTREAM_SERVERS"])
-    resolver = re.sub(r"^resolver [\w.-]*[a-z][\w.-]*", "resolver 127.0.0.1",
-                      values["LOSSD_RESOLVER"])
-    config = render(TEMPLATE.read_text(), {**values, "LOSSD_UPSTREAM_SERVERS": servers,
-                                           "LOSSD_RESOLVER": resolver})
+    servers = re.sub(
+        r"server \S+:50051 (max_fails=0) resolve;",
+        lambda m: f"server 127.0.0.1:{free_port()} {m.group(1)};",
+        values["LOSSD_UPSTREAM_SERVERS"],
+    )
+    resolver = re.sub(
+        r"^resolver [\w.-]*[a-z][\w.-]*", "resolver 127.0.0.1", values["LOSSD_RESOLVER"]
+    )
+    config = render(
+        TEMPLATE.read_text(),
+        {**values, "LOSSD_UPSTREAM_SERVERS": servers, "LOSSD_RESOLVER": resolver},
+    )
     assert not re.search(r"\$\{LOSSD_\w+\}", config)
     assert syntax_errors(nginx_binary, config) == ""

@@ -47,15 +47,20 @@ def test_every_loss_has_a_case() -> None:
 def any_client(request: pytest.FixtureRequest, target: str) -> Iterator[LossClient]:
     """A unary client, a streaming one whose tiny chunks split every tensor, and one that
     passes tensors through shared memory."""
-    with LossClient(target, timeout=60, stream=request.param == "stream",
-                    chunk_mb=100 / 2**20, shared_memory=request.param == "shared-memory"
-                    ) as client:
+    with LossClient(
+        target,
+        timeout=60,
+        stream=request.param == "stream",
+        chunk_mb=100 / 2**20,
+        shared_memory=request.param == "shared-memory",
+    ) as client:
         yield client
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_case_through_server_equals_in_process(case: dict[str, Any], any_client: LossClient
-                                               ) -> None:
+def test_case_through_server_equals_in_process(
+    case: dict[str, Any], any_client: LossClient
+) -> None:
     client = any_client
     remote = client.loss(case["loss"], **case["config"])
     local = registry.get(case["loss"]).cls(**case["config"])
@@ -77,10 +82,14 @@ def test_case_through_server_equals_in_process(case: dict[str, Any], any_client:
             assert remote_out.item() == pytest.approx(step["loss"], rel=LOSS_RTOL), where
             remote_grads = gradients(remote_out, remote_args)
             assert_same(remote_grads, gradients(local_out, local_args), where)
-            expected = {k: (v if isinstance(v, (torch.Tensor, list, tuple)) else None)
-                        for k, v in step["grads"].items()}
-            got = {k: (v if isinstance(v, (torch.Tensor, list, tuple)) else None)
-                   for k, v in remote_grads.items()}
+            expected = {
+                k: (v if isinstance(v, (torch.Tensor, list, tuple)) else None)
+                for k, v in step["grads"].items()
+            }
+            got = {
+                k: (v if isinstance(v, (torch.Tensor, list, tuple)) else None)
+                for k, v in remote_grads.items()
+            }
             assert_tree_close(got, expected, GRAD_RTOL, GRAD_ATOL, where)
         assert_same(remote.state_dict(), local.state_dict(), where)
         assert_tree_close(remote.state_dict(), step["state_after"], LOSS_RTOL, 1e-6, where)

@@ -24,10 +24,12 @@ def make_sessions(client: LossClient) -> dict[str, Any]:
     """The remote sessions of the test, by id, with the args of step k."""
     client.create_bank("shared", 32, 6, seed=3)
     return {
-        "ntxent": client.loss("NTXentLoss", session_id="ntxent", memory_bank_size=(32, 6),
-                              seed=1, temperature=0.2),
-        "dino": client.loss("DINOLoss", session_id="dino", output_dim=6,
-                            warmup_teacher_temp_epochs=2),
+        "ntxent": client.loss(
+            "NTXentLoss", session_id="ntxent", memory_bank_size=(32, 6), seed=1, temperature=0.2
+        ),
+        "dino": client.loss(
+            "DINOLoss", session_id="dino", output_dim=6, warmup_teacher_temp_epochs=2
+        ),
         "tico": client.loss("TiCoLoss", session_id="tico"),
         "on-bank": client.loss("NTXentLoss", session_id="on-bank", shared_bank="shared"),
     }
@@ -130,8 +132,9 @@ def test_a_corrupt_snapshot_is_skipped(state_dir: Path) -> None:
     assert server.terminate() == 0
     files = sorted((state_dir / "sessions").glob("*.pt"))
     assert len(files) == 4
-    victim = next(f for f in files
-                  if b"ntxent" in f.read_bytes() and b"on-bank" not in f.read_bytes())
+    victim = next(
+        f for f in files if b"ntxent" in f.read_bytes() and b"on-bank" not in f.read_bytes()
+    )
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     (state_dir / "sessions" / "garbage.pt").write_bytes(b"not a snapshot at all")
     server = ServerProcess("--state-dir", str(state_dir))
@@ -195,8 +198,11 @@ def test_graceful_shutdown_finishes_running_steps_and_refuses_new_calls(
     time.sleep(0.2)
     with grpc.insecure_channel(target) as channel:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                .status
+            )
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         except grpc.RpcError as error:  # or the port already refuses
             assert error.code() == grpc.StatusCode.UNAVAILABLE

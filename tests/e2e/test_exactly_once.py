@@ -24,8 +24,9 @@ class LoseFirstReply(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.lost: list[str] = []
 
-    def intercept_service(self, continuation: Callable[..., Any],
-                          details: grpc.HandlerCallDetails) -> Any:
+    def intercept_service(
+        self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
+    ) -> Any:
         handler = continuation(details)
         if handler is None or not details.method.endswith("/Compute"):
             return handler
@@ -39,8 +40,10 @@ class LoseFirstReply(grpc.ServerInterceptor):
             return reply
 
         return grpc.unary_unary_rpc_method_handler(
-            compute, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            compute,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 @pytest.fixture
@@ -52,7 +55,7 @@ def lossy() -> Iterator[tuple[LossdServer, LoseFirstReply]]:
 
 
 def test_a_lost_reply_is_retried_and_the_bank_moves_once(
-    lossy: tuple[LossdServer, LoseFirstReply]
+    lossy: tuple[LossdServer, LoseFirstReply],
 ) -> None:
     server, interceptor = lossy
     with LossClient(f"127.0.0.1:{server.port}") as client:
@@ -85,8 +88,9 @@ class BreakFirstStream(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.broken = 0
 
-    def intercept_service(self, continuation: Callable[..., Any],
-                          details: grpc.HandlerCallDetails) -> Any:
+    def intercept_service(
+        self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
+    ) -> Any:
         handler = continuation(details)
         if handler is None or not details.method.endswith("/ComputeStream"):
             return handler
@@ -100,8 +104,10 @@ class BreakFirstStream(grpc.ServerInterceptor):
                 yield reply
 
         return grpc.stream_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def test_a_broken_stream_is_reopened_and_the_step_applied_once() -> None:

@@ -12,10 +12,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_example_trains_and_the_loss_goes_down(target: str) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_simclr.py"), "--server", target,
-         "--steps", "40"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-        timeout=300, check=False)
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_simclr.py"),
+            "--server",
+            target,
+            "--steps",
+            "40",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     losses = [float(line.split()[-1]) for line in done.stdout.splitlines() if "loss" in line]
     assert len(losses) == 40

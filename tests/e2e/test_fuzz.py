@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -35,9 +35,13 @@ from lossd.v1 import tensor_pb2 as tpb
 
 TIMEOUT = 30.0  # seconds per call: a hang shows as DEADLINE_EXCEEDED, which fails
 #: The statuses a request that is wrong may end with; anything else fails the property.
-CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-         grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,
-         grpc.StatusCode.RESOURCE_EXHAUSTED}
+CLEAR = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 INT64 = st.integers(-(2**63), 2**63 - 1)
 FLOAT_DTYPES = (tpb.FLOAT32, tpb.FLOAT64, tpb.FLOAT16, tpb.BFLOAT16)
 VALID_DTYPES = (*FLOAT_DTYPES, tpb.INT64, tpb.INT32, tpb.BOOL, tpb.UINT8)
@@ -45,9 +49,16 @@ VALID_DTYPES = (*FLOAT_DTYPES, tpb.INT64, tpb.INT32, tpb.BOOL, tpb.UINT8)
 
 def fuzz_settings(examples: int) -> settings:
     """Bounded runs: no deadline (the server shares two cores), no example database."""
-    return settings(max_examples=examples, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
 
 
 # -- the losses under fuzz: a config and a valid step -------------------------------------
@@ -62,35 +73,50 @@ def _ntxent_args(g: torch.Generator, b: int) -> dict[str, Any]:
 
 
 def _dino_args(g: torch.Generator, b: int) -> dict[str, Any]:
-    return {"teacher_out": [_randn(g, b, 8) for _ in range(2)],
-            "student_out": [_randn(g, b, 8) for _ in range(3)],
-            "teacher_temp": 0.05, "epoch": 3}
+    return {
+        "teacher_out": [_randn(g, b, 8) for _ in range(2)],
+        "student_out": [_randn(g, b, 8) for _ in range(3)],
+        "teacher_temp": 0.05,
+        "epoch": 3,
+    }
 
 
 def _swav_args(g: torch.Generator, b: int) -> dict[str, Any]:
-    return {"high_resolution_outputs": [_randn(g, b, 6) for _ in range(2)],
-            "low_resolution_outputs": [_randn(g, b, 6)],
-            "queue_outputs": [_randn(g, 8, 6) for _ in range(2)]}
+    return {
+        "high_resolution_outputs": [_randn(g, b, 6) for _ in range(2)],
+        "low_resolution_outputs": [_randn(g, b, 6)],
+        "queue_outputs": [_randn(g, 8, 6) for _ in range(2)],
+    }
 
 
 def _ibot_args(g: torch.Generator, b: int) -> dict[str, Any]:
     mask = torch.rand(b, 2, 2, generator=g) < 0.5
     mask[0, 0, 0] = True
     n = int(mask.sum())
-    return {"teacher_out": _randn(g, n, 8), "student_out": _randn(g, n, 8), "mask": mask,
-            "teacher_temp": 0.04}
+    return {
+        "teacher_out": _randn(g, n, 8),
+        "student_out": _randn(g, n, 8),
+        "mask": mask,
+        "teacher_temp": 0.04,
+    }
 
 
 def _msn_args(g: torch.Generator, b: int) -> dict[str, Any]:
-    return {"anchors": _randn(g, 2 * b, 8), "targets": _randn(g, b, 8),
-            "prototypes": _randn(g, 5, 8), "target_sharpen_temperature": 0.25}
+    return {
+        "anchors": _randn(g, 2 * b, 8),
+        "targets": _randn(g, b, 8),
+        "prototypes": _randn(g, 5, 8),
+        "target_sharpen_temperature": 0.25,
+    }
 
 
 def _vicregl_args(g: torch.Generator, b: int) -> dict[str, Any]:
-    return {"global_view_features": [(_randn(g, b, 8), _randn(g, b, 2, 2, 3)) for _ in range(2)],
-            "global_view_grids": [_randn(g, b, 2, 2, 2) for _ in range(2)],
-            "local_view_features": [(_randn(g, b, 8), _randn(g, b, 1, 1, 3))],
-            "local_view_grids": [_randn(g, b, 1, 1, 2)]}
+    return {
+        "global_view_features": [(_randn(g, b, 8), _randn(g, b, 2, 2, 3)) for _ in range(2)],
+        "global_view_grids": [_randn(g, b, 2, 2, 2) for _ in range(2)],
+        "local_view_features": [(_randn(g, b, 8), _randn(g, b, 1, 1, 3))],
+        "local_view_grids": [_randn(g, b, 1, 1, 2)],
+    }
 
 
 def _bank_args(g: torch.Generator, b: int) -> dict[str, Any]:
@@ -120,17 +146,20 @@ TARGETS: dict[str, Target] = {
     "ibot": Target("IBOTPatchLoss", {"output_dim": 8}, _ibot_args),
     "msn": Target("MSNLoss", {}, _msn_args),
     "vicregl": Target("VICRegLLoss", {"num_matches": [2, 1]}, _vicregl_args),
-    "memory-bank": Target("MemoryBankModule", {"size": [32, 4], "feature_dim_first": False},
-                          _bank_args),
+    "memory-bank": Target(
+        "MemoryBankModule", {"size": [32, 4], "feature_dim_first": False}, _bank_args
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Fuzzed:
-    """The sessions (by target key) and the shared bank the fuzz runs against."""
+    """The sessions (by target key) and the shared bank the fuzz runs against, with the
+    state each had after its first valid step."""
 
     sessions: dict[str, str]
     bank: str
+    initial: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def bank_of(self, key: str) -> str:
         return self.bank if TARGETS[key].shared_bank else ""
@@ -147,16 +176,29 @@ def fuzzed(stub: pb_grpc.LossServiceStub) -> Iterator[Fuzzed]:
     """One session per target (and a shared bank), each past one valid step."""
     tag = uuid.uuid4().hex[:8]
     bank = f"fuzz-bank-{tag}"
-    stub.CreateBank(pb.CreateBankRequest(name=bank, num_features=32, dim=8, seed=0),
-                    timeout=TIMEOUT)
+    stub.CreateBank(
+        pb.CreateBankRequest(name=bank, num_features=32, dim=8, seed=0), timeout=TIMEOUT
+    )
     sessions = {}
     for key, spec in TARGETS.items():
-        request = pb.CreateSessionRequest(loss=spec.loss, session_id=f"fuzz-{key}-{tag}", seed=0,
-                                          shared_bank=bank if spec.shared_bank else "")
+        request = pb.CreateSessionRequest(
+            loss=spec.loss,
+            session_id=f"fuzz-{key}-{tag}",
+            seed=0,
+            shared_bank=bank if spec.shared_bank else "",
+        )
         codec.encode_values(spec.config, request.config)
         sessions[key] = stub.CreateSession(request, timeout=TIMEOUT).session_id
         stub.Compute(valid_request(sessions[key], spec, seed=0, batch=4), timeout=TIMEOUT)
-    yield Fuzzed(sessions, bank)
+    initial = {
+        key: codec.decode_tensors(
+            stub.GetState(pb.GetStateRequest(session_id=sid), timeout=TIMEOUT).tensors
+        )
+        for key, sid in sessions.items()
+    }
+    yield Fuzzed(
+        sessions, bank, {k: {n: t.clone() for n, t in v.items()} for k, v in initial.items()}
+    )
     for session_id in sessions.values():
         stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=TIMEOUT)
     stub.DeleteBank(pb.DeleteBankRequest(name=bank), timeout=TIMEOUT)
@@ -187,14 +229,20 @@ def snapshot(stub: pb_grpc.LossServiceStub, session_id: str, bank: str = "") -> 
     state = stub.GetState(pb.GetStateRequest(session_id=session_id), timeout=TIMEOUT)
     found: dict[str, Any] = {
         "steps": state.steps,
-        "session.steps": stub.GetSession(pb.GetSessionRequest(session_id=session_id),
-                                         timeout=TIMEOUT).steps,
+        "session.steps": stub.GetSession(
+            pb.GetSessionRequest(session_id=session_id), timeout=TIMEOUT
+        ).steps,
     }
     found.update({f"state {k}": v.clone() for k, v in codec.decode_tensors(state.tensors).items()})
     if bank:
         info = stub.GetBank(pb.GetBankRequest(name=bank), timeout=TIMEOUT)
-        found.update({"bank.pointer": info.pointer, "bank.rows_written": info.rows_written,
-                      "bank.sessions": sorted(info.sessions)})
+        found.update(
+            {
+                "bank.pointer": info.pointer,
+                "bank.rows_written": info.rows_written,
+                "bank.sessions": sorted(info.sessions),
+            }
+        )
         rows = stub.GetBankState(pb.GetBankRequest(name=bank), timeout=TIMEOUT)
         tensors = codec.decode_tensors(rows.tensors)
         found.update({f"bank {k}": v.clone() for k, v in tensors.items()})
@@ -227,8 +275,12 @@ def raw_tensors(draw: st.DrawFn) -> tpb.Tensor:
     dtype = draw(st.one_of(st.sampled_from(VALID_DTYPES), st.integers(0, 12)), label="dtype")
     shape = draw(st.lists(st.integers(0, 4), max_size=4), label="shape")
     size = math.prod(shape) * (_itemsize(dtype) if dtype in VALID_DTYPES else 4)
-    data = draw(st.one_of(st.binary(min_size=size, max_size=size), st.just(bytes(size)),
-                          st.binary(max_size=64)), label="data")
+    data = draw(
+        st.one_of(
+            st.binary(min_size=size, max_size=size), st.just(bytes(size)), st.binary(max_size=64)
+        ),
+        label="data",
+    )
     return tpb.Tensor(dtype=dtype, shape=shape, data=data, requires_grad=draw(st.booleans()))
 
 
@@ -253,15 +305,19 @@ SCALARS = st.one_of(
 VALUES = st.recursive(
     st.one_of(SCALARS, raw_tensors().map(lambda t: tpb.Value(tensor=t))),
     lambda children: st.builds(_container, st.lists(children, max_size=3), st.booleans()),
-    max_leaves=6)
+    max_leaves=6,
+)
 SHAPES = st.one_of(
-    st.tuples(st.lists(INT64, max_size=4), st.integers(-(2**63), -1), st.integers(0, 4))
-    .map(lambda t: [*t[0][: t[2]], t[1], *t[0][t[2]:]]),  # a negative extent somewhere
+    st.tuples(st.lists(INT64, max_size=4), st.integers(-(2**63), -1), st.integers(0, 4)).map(
+        lambda t: [*t[0][: t[2]], t[1], *t[0][t[2] :]]
+    ),  # a negative extent somewhere
     st.lists(st.integers(2**31, 2**63 - 1), min_size=1, max_size=4),  # products overflow int64
-    st.lists(st.integers(2**20, 2**63 - 1), min_size=1, max_size=3)
-    .flatmap(lambda s: st.permutations([*s, 0])),  # zero bytes, absurd extents
-    st.lists(st.integers(2**32, 2**63 - 1), min_size=2, max_size=3)
-    .map(lambda s: [0, *s]),  # zero bytes, and strides that overflow int64
+    st.lists(st.integers(2**20, 2**63 - 1), min_size=1, max_size=3).flatmap(
+        lambda s: st.permutations([*s, 0])
+    ),  # zero bytes, absurd extents
+    st.lists(st.integers(2**32, 2**63 - 1), min_size=2, max_size=3).map(
+        lambda s: [0, *s]
+    ),  # zero bytes, and strides that overflow int64
     st.integers(17, 64).map(lambda n: [1] * n),  # more dims than allowed
     st.just([]),
     st.lists(st.integers(0, 6), max_size=4),
@@ -303,8 +359,10 @@ def t_dtype(data: st.DataObject, msg: tpb.Tensor) -> None:
     """An unknown dtype, the same bytes under another dtype, or a converted tensor."""
     how = data.draw(st.sampled_from(["unknown", "relabel", "convert"]), label="dtype change")
     if how == "unknown":
-        msg.dtype = data.draw(st.one_of(st.just(0), st.integers(9, 2**31 - 1),
-                                        st.integers(-(2**31), -1)), label="dtype")
+        msg.dtype = data.draw(
+            st.one_of(st.just(0), st.integers(9, 2**31 - 1), st.integers(-(2**31), -1)),
+            label="dtype",
+        )
         return
     dtype = data.draw(st.sampled_from(VALID_DTYPES), label="dtype")
     if how == "relabel":
@@ -394,9 +452,15 @@ def t_elsewhere(data: st.DataObject, msg: tpb.Tensor) -> None:
 _TENSOR_FIELDS = set(tpb.Tensor.DESCRIPTOR.fields_by_name)
 _REQUEST_FIELDS = set(pb.ComputeRequest.DESCRIPTOR.fields_by_name)
 TENSOR_MUTATIONS: dict[str, Callable[[st.DataObject, tpb.Tensor], None]] = {
-    "byte length": t_byte_length, "shape": t_shape, "dtype": t_dtype,
-    "non-finite": t_non_finite, "rows": t_rows, "columns": t_columns,
-    "requires_grad": t_requires_grad, "elsewhere": t_elsewhere, "huge": t_huge,
+    "byte length": t_byte_length,
+    "shape": t_shape,
+    "dtype": t_dtype,
+    "non-finite": t_non_finite,
+    "rows": t_rows,
+    "columns": t_columns,
+    "requires_grad": t_requires_grad,
+    "elsewhere": t_elsewhere,
+    "huge": t_huge,
 }
 
 
@@ -431,8 +495,7 @@ def m_tensor(data: st.DataObject, request: pb.ComputeRequest, spec: registry.Los
     TENSOR_MUTATIONS[how](data, msg)
 
 
-def m_empty_batch(data: st.DataObject, request: pb.ComputeRequest,
-                  spec: registry.LossSpec) -> None:
+def m_empty_batch(data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec) -> None:
     """Every tensor of the request (or of one argument) with 0 rows."""
     name = _pick_arg(data, request)
     every = data.draw(st.booleans(), label="every argument")
@@ -447,15 +510,17 @@ def m_empty_batch(data: st.DataObject, request: pb.ComputeRequest,
 
 def m_views(data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec) -> None:
     """A list argument with a view dropped, repeated, emptied, foreign or of the other kind."""
-    lists = [n for n in sorted(request.args) if request.args[n].WhichOneof("kind") in
-             ("list", "tuple")]
+    lists = [
+        n for n in sorted(request.args) if request.args[n].WhichOneof("kind") in ("list", "tuple")
+    ]
     if not lists:
         return
     value = request.args[data.draw(st.sampled_from(lists), label="list argument")]
     kind = value.WhichOneof("kind")
     items = getattr(value, kind).items
-    how = data.draw(st.sampled_from(["drop", "repeat", "clear", "append", "swap kind"]),
-                    label="view change")
+    how = data.draw(
+        st.sampled_from(["drop", "repeat", "clear", "append", "swap kind"]), label="view change"
+    )
     if how == "drop" and len(items):
         del items[data.draw(st.integers(0, len(items) - 1), label="view")]
     elif how == "repeat" and len(items):
@@ -473,8 +538,9 @@ def m_views(data: st.DataObject, request: pb.ComputeRequest, spec: registry.Loss
 
 def m_kind(data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec) -> None:
     """An argument (present or not) replaced by a value of any kind."""
-    name = data.draw(st.sampled_from(sorted({a.name for a in spec.args} | set(request.args))),
-                     label="argument")
+    name = data.draw(
+        st.sampled_from(sorted({a.name for a in spec.args} | set(request.args))), label="argument"
+    )
     request.args[name].CopyFrom(data.draw(VALUES, label="value"))
 
 
@@ -501,8 +567,7 @@ def m_nest(data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossS
     slot.CopyFrom(inner)
 
 
-def m_unknown_arg(data: st.DataObject, request: pb.ComputeRequest,
-                  spec: registry.LossSpec) -> None:
+def m_unknown_arg(data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec) -> None:
     """An argument the loss does not have."""
     known = {a.name for a in spec.args}
     name = data.draw(st.text(max_size=16).filter(lambda s: s not in known), label="name")
@@ -518,32 +583,40 @@ def m_missing(data: st.DataObject, request: pb.ComputeRequest, spec: registry.Lo
 
 def m_session(data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec) -> None:
     """A session id the server does not have (empty, long, odd characters)."""
-    request.session_id = data.draw(st.one_of(
-        st.text(max_size=200), st.uuids().map(lambda u: f"fuzz-missing-{u.hex}")),
-        label="session id")
+    request.session_id = data.draw(
+        st.one_of(st.text(max_size=200), st.uuids().map(lambda u: f"fuzz-missing-{u.hex}")),
+        label="session id",
+    )
 
 
-def m_global_batch(data: st.DataObject, request: pb.ComputeRequest,
-                   spec: registry.LossSpec) -> None:
+def m_global_batch(
+    data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec
+) -> None:
     """A global-batch shard with a rank outside [0, world_size) (never one that waits)."""
     world = data.draw(st.integers(-3, 64), label="world_size")
     rank = data.draw(st.integers(-(2**31), 2**31 - 1), label="rank")
     if world >= 2 and 0 <= rank < world:
         rank = world
-    request.global_batch.CopyFrom(pb.GlobalBatch(world_size=world, rank=rank,
-                                                 step=data.draw(INT64, label="step")))
+    request.global_batch.CopyFrom(
+        pb.GlobalBatch(world_size=world, rank=rank, step=data.draw(INT64, label="step"))
+    )
 
 
-def m_compute_dtype(data: st.DataObject, request: pb.ComputeRequest,
-                    spec: registry.LossSpec) -> None:
+def m_compute_dtype(
+    data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec
+) -> None:
     """Compute in another dtype: any of the wire's (ints too) or an unknown one."""
-    request.compute_dtype = data.draw(st.one_of(
-        st.sampled_from(VALID_DTYPES), st.integers(9, 2**31 - 1), st.integers(-(2**31), -1)),
-        label="compute_dtype")
+    request.compute_dtype = data.draw(
+        st.one_of(
+            st.sampled_from(VALID_DTYPES), st.integers(9, 2**31 - 1), st.integers(-(2**31), -1)
+        ),
+        label="compute_dtype",
+    )
 
 
-def m_shared_output(data: st.DataObject, request: pb.ComputeRequest,
-                    spec: registry.LossSpec) -> None:
+def m_shared_output(
+    data: st.DataObject, request: pb.ComputeRequest, spec: registry.LossSpec
+) -> None:
     """Answer into a shared-memory region the session never attached, at odd offsets."""
     request.shared_region = data.draw(st.text(max_size=24), label="shared_region")
     request.shared_output_offset = data.draw(INT64, label="offset")
@@ -551,9 +624,16 @@ def m_shared_output(data: st.DataObject, request: pb.ComputeRequest,
 
 
 MUTATIONS: dict[str, Callable[[st.DataObject, pb.ComputeRequest, registry.LossSpec], None]] = {
-    "tensor": m_tensor, "empty batch": m_empty_batch, "views": m_views, "kind": m_kind,
-    "scalar": m_scalar, "nest": m_nest, "unknown argument": m_unknown_arg,
-    "missing": m_missing, "session": m_session, "global batch": m_global_batch,
+    "tensor": m_tensor,
+    "empty batch": m_empty_batch,
+    "views": m_views,
+    "kind": m_kind,
+    "scalar": m_scalar,
+    "nest": m_nest,
+    "unknown argument": m_unknown_arg,
+    "missing": m_missing,
+    "session": m_session,
+    "global batch": m_global_batch,
 }
 if "compute_dtype" in _REQUEST_FIELDS:  # newer contract: mixed precision, shared memory
     MUTATIONS["compute dtype"] = m_compute_dtype
@@ -565,14 +645,14 @@ if "shared_region" in _REQUEST_FIELDS:
 
 
 @pytest.mark.parametrize("key", sorted(TARGETS))
-def test_valid_steps_succeed_and_count(stub: pb_grpc.LossServiceStub, fuzzed: Fuzzed,
-                                                key: str) -> None:
+def test_valid_steps_succeed_and_count(
+    stub: pb_grpc.LossServiceStub, fuzzed: Fuzzed, key: str
+) -> None:
     """The unbroken requests the fuzz starts from are valid (so a failure below is the
     mutation's doing) and count as a step."""
     session_id = fuzzed.sessions[key]
     before = snapshot(stub, session_id, fuzzed.bank_of(key))
-    reply = stub.Compute(valid_request(session_id, TARGETS[key], seed=1, batch=3),
-                         timeout=TIMEOUT)
+    reply = stub.Compute(valid_request(session_id, TARGETS[key], seed=1, batch=3), timeout=TIMEOUT)
     assert reply.steps == before["steps"] + 1
 
 
@@ -583,10 +663,15 @@ def test_fuzzed_compute_fails_cleanly_and_changes_nothing(
 ) -> None:
     key = data.draw(st.sampled_from(sorted(TARGETS)), label="target")
     spec = TARGETS[key]
-    request = valid_request(fuzzed.sessions[key], spec, seed=data.draw(st.integers(0, 2**16)),
-                            batch=data.draw(st.integers(2, 5), label="batch"))
-    names = data.draw(st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=3),
-                      label="mutations")
+    request = valid_request(
+        fuzzed.sessions[key],
+        spec,
+        seed=data.draw(st.integers(0, 2**16)),
+        batch=data.draw(st.integers(2, 5), label="batch"),
+    )
+    names = data.draw(
+        st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=3), label="mutations"
+    )
     for name in names:
         MUTATIONS[name](data, request, spec.spec)
     session_id, bank = fuzzed.sessions[key], fuzzed.bank_of(key)
@@ -603,14 +688,18 @@ def test_fuzzed_compute_fails_cleanly_and_changes_nothing(
     assert_good_step(reply, before, snapshot(stub, session_id, bank), f"{key} after {names}")
 
 
-def assert_good_step(reply: pb.ComputeResponse, before: dict[str, Any], after: dict[str, Any],
-                     what: str) -> None:
+def assert_good_step(
+    reply: pb.ComputeResponse, before: dict[str, Any], after: dict[str, Any], what: str
+) -> None:
     """A successful step counts once, answers finite values and leaves finite state
     finite (lossd refuses input that would make a NaN loss or a NaN center)."""
     assert reply.steps == after["steps"] == before["steps"] + 1, f"{what}: steps"
     for key, value in after.items():
-        was_finite = isinstance(value, torch.Tensor) and value.is_floating_point() and bool(
-            torch.isfinite(before[key]).all())
+        was_finite = (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and bool(torch.isfinite(before[key]).all())
+        )
         if was_finite:
             assert bool(torch.isfinite(value).all()), f"{what}: {key} is no longer finite"
     for t in _tensor_slots(reply.result):
@@ -627,13 +716,17 @@ def test_fuzzed_set_state_fails_cleanly_and_changes_nothing(
     session_id, bank = fuzzed.sessions[key], fuzzed.bank_of(key)
     before = snapshot(stub, session_id, bank)
     on_bank = bool(bank) and data.draw(st.booleans(), label="SetBankState")
-    tensors = ({k.removeprefix("bank "): v for k, v in before.items() if k.startswith("bank ")}
-               if on_bank else
-               {k.removeprefix("state "): v for k, v in before.items() if k.startswith("state ")})
+    tensors = (
+        {k.removeprefix("bank "): v for k, v in before.items() if k.startswith("bank ")}
+        if on_bank
+        else {k.removeprefix("state "): v for k, v in before.items() if k.startswith("state ")}
+    )
     messages = {name: codec.encode_tensor(t) for name, t in tensors.items()}
     for _ in range(data.draw(st.integers(1, 3), label="changes")):
-        how = data.draw(st.sampled_from(["drop", "unknown", "replace", "pointer", "tensor"]),
-                        label="state change")
+        how = data.draw(
+            st.sampled_from(["drop", "unknown", "replace", "pointer", "tensor"]),
+            label="state change",
+        )
         names = sorted(messages)
         if how == "drop" and names:
             del messages[data.draw(st.sampled_from(names), label="name")]
@@ -643,9 +736,13 @@ def test_fuzzed_set_state_fails_cleanly_and_changes_nothing(
             messages[data.draw(st.sampled_from(names), label="name")] = data.draw(raw_tensors())
         elif how == "pointer":
             pointer = [n for n in names if n.endswith("bank_ptr")] or ["bank_ptr"]
-            value = data.draw(st.one_of(INT64.map(lambda i: torch.tensor([i])),
-                                        st.floats(width=32).map(lambda x: torch.tensor([x]))),
-                              label="pointer")
+            value = data.draw(
+                st.one_of(
+                    INT64.map(lambda i: torch.tensor([i])),
+                    st.floats(width=32).map(lambda x: torch.tensor([x])),
+                ),
+                label="pointer",
+            )
             messages[pointer[0]] = codec.encode_tensor(value)
         elif how == "tensor" and names:
             msg = messages[data.draw(st.sampled_from(names), label="name")]
@@ -673,16 +770,24 @@ def test_fuzzed_set_state_fails_cleanly_and_changes_nothing(
         assert after["bank.pointer"] == int(after["bank bank_ptr"])
 
 
-CONFIG_INTS = st.one_of(st.integers(-4, 64), st.integers(2**40, 2**63 - 1),
-                        st.integers(-(2**63), -1))
+CONFIG_INTS = st.one_of(
+    st.integers(-4, 64), st.integers(2**40, 2**63 - 1), st.integers(-(2**63), -1)
+)
 CONFIG_VALUES = st.one_of(
     CONFIG_INTS.map(lambda i: tpb.Value(integer=i)),
-    st.lists(CONFIG_INTS, max_size=3).flatmap(lambda ints: st.builds(
-        _container, st.just([tpb.Value(integer=i) for i in ints]), st.booleans())),
+    st.lists(CONFIG_INTS, max_size=3).flatmap(
+        lambda ints: st.builds(
+            _container, st.just([tpb.Value(integer=i) for i in ints]), st.booleans()
+        )
+    ),
     VALUES,
 )
-DEVICES = st.one_of(st.sampled_from(["", "cpu", "cpu:0", "auto", "cuda", "cuda:7", "meta",
-                                     "mps", "tpu:0", "cpu:-1"]), st.text(max_size=12))
+DEVICES = st.one_of(
+    st.sampled_from(
+        ["", "cpu", "cpu:0", "auto", "cuda", "cuda:7", "meta", "mps", "tpu:0", "cpu:-1"]
+    ),
+    st.text(max_size=12),
+)
 
 
 @fuzz_settings(examples=300)
@@ -702,14 +807,24 @@ def test_fuzzed_create_session_fails_cleanly_and_creates_nothing(
         else:
             config[name] = data.draw(CONFIG_VALUES, label="value")
     request = pb.CreateSessionRequest(
-        loss=loss, device=data.draw(st.one_of(st.just(""), DEVICES), label="device"),
-        session_id=data.draw(st.one_of(
-            st.uuids().map(lambda u: f"fuzz-new-{u.hex}"), st.text(max_size=140),
-            st.sampled_from(sorted(fuzzed.sessions.values()))), label="session id"),
-        shared_bank=data.draw(st.sampled_from(["", "", "", fuzzed.bank, "fuzz-no-such-bank"]),
-                              label="shared bank"),
-        shared_bank_dtype=data.draw(st.one_of(st.just(0), st.sampled_from(VALID_DTYPES),
-                                              st.integers(9, 2**31 - 1)), label="bank dtype"))
+        loss=loss,
+        device=data.draw(st.one_of(st.just(""), DEVICES), label="device"),
+        session_id=data.draw(
+            st.one_of(
+                st.uuids().map(lambda u: f"fuzz-new-{u.hex}"),
+                st.text(max_size=140),
+                st.sampled_from(sorted(fuzzed.sessions.values())),
+            ),
+            label="session id",
+        ),
+        shared_bank=data.draw(
+            st.sampled_from(["", "", "", fuzzed.bank, "fuzz-no-such-bank"]), label="shared bank"
+        ),
+        shared_bank_dtype=data.draw(
+            st.one_of(st.just(0), st.sampled_from(VALID_DTYPES), st.integers(9, 2**31 - 1)),
+            label="bank dtype",
+        ),
+    )
     for name, value in config.items():
         request.config[name].CopyFrom(value)
     if data.draw(st.booleans(), label="seeded"):
@@ -734,8 +849,9 @@ def test_fuzzed_create_session_fails_cleanly_and_creates_nothing(
 
 
 def _session_ids(stub: pb_grpc.LossServiceStub) -> set[str]:
-    return {s.session_id for s in stub.ListSessions(pb.ListSessionsRequest(),
-                                                    timeout=TIMEOUT).sessions}
+    return {
+        s.session_id for s in stub.ListSessions(pb.ListSessionsRequest(), timeout=TIMEOUT).sessions
+    }
 
 
 def snapshot_bank(stub: pb_grpc.LossServiceStub, bank: str) -> tuple[int, int, list[str]]:
@@ -755,8 +871,9 @@ def _nested(depth: int) -> tpb.Value:
 
 
 @pytest.mark.parametrize("depth", [9, 30, 48, 49, 64, 200])
-def test_deep_nesting_is_a_clear_status(stub: pb_grpc.LossServiceStub, fuzzed: Fuzzed,
-                                        depth: int) -> None:
+def test_deep_nesting_is_a_clear_status(
+    stub: pb_grpc.LossServiceStub, fuzzed: Fuzzed, depth: int
+) -> None:
     """Nesting past lossd's limit (8) is INVALID_ARGUMENT, also past protobuf's parser
     limit (100 message levels: about 49 list levels inside a ComputeRequest)."""
     session_id = fuzzed.sessions["ntxent-bank"]
@@ -770,8 +887,9 @@ def test_deep_nesting_is_a_clear_status(stub: pb_grpc.LossServiceStub, fuzzed: F
     assert_same(before, snapshot(stub, session_id), f"{depth} levels")
 
 
-@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff", b"\x1a\x05\x0a\x03abc\x0a"],
-                         ids=["garbage", "truncated"])
+@pytest.mark.parametrize(
+    "payload", [b"\xff\xff\xff\xff", b"\x1a\x05\x0a\x03abc\x0a"], ids=["garbage", "truncated"]
+)
 def test_unparsable_request_is_a_clear_status(target: str, payload: bytes) -> None:
     """Bytes that are no ComputeRequest at all: INVALID_ARGUMENT, not INTERNAL."""
     with grpc.insecure_channel(target) as channel:
@@ -820,18 +938,23 @@ def test_msn_in_half_precision_answers_a_finite_loss(
     """MSN computed in half precision (compute_dtype) on ordinary inputs: a finite loss."""
     session_id = fuzzed.sessions["msn"]
     g = torch.Generator().manual_seed(0)
-    request = pb.ComputeRequest(session_id=session_id, request_id=uuid.uuid4().hex,
-                                compute_dtype=dtype)
-    codec.encode_values({"anchors": _randn(g, 6, 8), "targets": _randn(g, 3, 8),
-                         "prototypes": _randn(g, 5, 8)}, request.args)
+    request = pb.ComputeRequest(
+        session_id=session_id, request_id=uuid.uuid4().hex, compute_dtype=dtype
+    )
+    codec.encode_values(
+        {"anchors": _randn(g, 6, 8), "targets": _randn(g, 3, 8), "prototypes": _randn(g, 5, 8)},
+        request.args,
+    )
     reply = stub.Compute(request, timeout=TIMEOUT)
     loss = codec.decode_value(reply.result, "result")
     assert bool(torch.isfinite(loss).all()), f"answered {loss}"
 
 
-@pytest.mark.parametrize("teacher", [torch.full((4, 8), 3e38),
-                                     torch.full((4, 8), 1e300, dtype=torch.float64)],
-                         ids=["float32 3e38", "float64 1e300"])
+@pytest.mark.parametrize(
+    "teacher",
+    [torch.full((4, 8), 3e38), torch.full((4, 8), 1e300, dtype=torch.float64)],
+    ids=["float32 3e38", "float64 1e300"],
+)
 def test_finite_teacher_outputs_never_make_the_dino_center_infinite(
     stub: pb_grpc.LossServiceStub, teacher: torch.Tensor
 ) -> None:
@@ -844,8 +967,9 @@ def test_finite_teacher_outputs_never_make_the_dino_center_infinite(
         huge = pb.ComputeRequest(session_id=session_id, request_id=uuid.uuid4().hex)
         g = torch.Generator().manual_seed(0)
         student = _randn(g, 4, 8).to(teacher.dtype)
-        codec.encode_values({"teacher_out": [teacher, teacher], "student_out": [student] * 2},
-                            huge.args)
+        codec.encode_values(
+            {"teacher_out": [teacher, teacher], "student_out": [student] * 2}, huge.args
+        )
         before = snapshot(stub, session_id)
         try:
             stub.Compute(huge, timeout=TIMEOUT)
@@ -855,25 +979,34 @@ def test_finite_teacher_outputs_never_make_the_dino_center_infinite(
         center = snapshot(stub, session_id)["state center"]
         assert bool(torch.isfinite(center).all()), f"the center is now {center}"
         normal = pb.ComputeRequest(session_id=session_id, request_id=uuid.uuid4().hex)
-        codec.encode_values({"teacher_out": [_randn(g, 4, 8)] * 2,
-                             "student_out": [_randn(g, 4, 8)] * 2}, normal.args)
+        codec.encode_values(
+            {"teacher_out": [_randn(g, 4, 8)] * 2, "student_out": [_randn(g, 4, 8)] * 2},
+            normal.args,
+        )
         loss = codec.decode_value(stub.Compute(normal, timeout=TIMEOUT).result, "result")
         assert bool(torch.isfinite(loss).all()), f"the next ordinary step answered {loss}"
     finally:
         stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=TIMEOUT)
 
 
-def test_server_still_serves_after_the_fuzz(target: str, stub: pb_grpc.LossServiceStub,
-                                            fuzzed: Fuzzed) -> None:
+def test_server_still_serves_after_the_fuzz(
+    target: str, stub: pb_grpc.LossServiceStub, fuzzed: Fuzzed
+) -> None:
     """Health answers SERVING, and every fuzzed session computes a valid step (no lock
-    was left held, no state was left broken)."""
+    was left held). A SetState that succeeded may have loaded huge but finite values (the
+    caller's garbage, refused by later steps as non-finite losses), so each session first
+    gets its state after its first step back."""
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "lossd.v1.LossService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     for key, session_id in fuzzed.sessions.items():
+        restore = pb.SetStateRequest(session_id=session_id)
+        codec.encode_tensors(fuzzed.initial[key], restore.tensors)
+        stub.SetState(restore, timeout=TIMEOUT)
         steps = snapshot(stub, session_id)["steps"]
-        reply = stub.Compute(valid_request(session_id, TARGETS[key], seed=3, batch=4),
-                             timeout=TIMEOUT)
+        reply = stub.Compute(
+            valid_request(session_id, TARGETS[key], seed=3, batch=4), timeout=TIMEOUT
+        )
         assert reply.steps == steps + 1, key

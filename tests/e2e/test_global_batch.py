@@ -34,24 +34,45 @@ def _randn(*shape: int, g: torch.Generator) -> torch.Tensor:
 
 # loss -> (config, global arguments)
 CASES: dict[str, tuple[dict[str, Any], Callable[[torch.Generator], dict[str, Any]]]] = {
-    "ntxent": ({"loss": "NTXentLoss", "temperature": 0.2},
-               lambda g: {"out0": _randn(BATCH, 6, g=g), "out1": _randn(BATCH, 6, g=g)}),
-    "ntxent-bank": ({"loss": "NTXentLoss", "temperature": 0.2, "memory_bank_size": [32, 6]},
-                    lambda g: {"out0": _randn(BATCH, 6, g=g), "out1": _randn(BATCH, 6, g=g)}),
-    "dino": ({"loss": "DINOLoss", "output_dim": 10, "warmup_teacher_temp_epochs": 3},
-             lambda g: {"teacher_out": [_randn(BATCH, 10, g=g) for _ in range(2)],
-                        "student_out": [_randn(BATCH, 10, g=g) for _ in range(4)],
-                        "epoch": 1}),
-    "swav": ({"loss": "SwaVLoss"},
-             lambda g: {"high_resolution_outputs": [_randn(BATCH, 5, g=g) for _ in range(2)],
-                        "low_resolution_outputs": [_randn(BATCH, 5, g=g) for _ in range(2)]}),
-    "vicreg": ({"loss": "VICRegLoss"},
-               lambda g: {"z_a": _randn(BATCH, 6, g=g), "z_b": _randn(BATCH, 6, g=g)}),
-    "barlow": ({"loss": "BarlowTwinsLoss"},
-               lambda g: {"z_a": _randn(BATCH, 6, g=g), "z_b": _randn(BATCH, 6, g=g)}),
-    "msn": ({"loss": "MSNLoss"},
-            lambda g: {"anchors": _randn(2 * BATCH, 6, g=g), "targets": _randn(BATCH, 6, g=g),
-                       "prototypes": _randn(5, 6, g=g)}),
+    "ntxent": (
+        {"loss": "NTXentLoss", "temperature": 0.2},
+        lambda g: {"out0": _randn(BATCH, 6, g=g), "out1": _randn(BATCH, 6, g=g)},
+    ),
+    "ntxent-bank": (
+        {"loss": "NTXentLoss", "temperature": 0.2, "memory_bank_size": [32, 6]},
+        lambda g: {"out0": _randn(BATCH, 6, g=g), "out1": _randn(BATCH, 6, g=g)},
+    ),
+    "dino": (
+        {"loss": "DINOLoss", "output_dim": 10, "warmup_teacher_temp_epochs": 3},
+        lambda g: {
+            "teacher_out": [_randn(BATCH, 10, g=g) for _ in range(2)],
+            "student_out": [_randn(BATCH, 10, g=g) for _ in range(4)],
+            "epoch": 1,
+        },
+    ),
+    "swav": (
+        {"loss": "SwaVLoss"},
+        lambda g: {
+            "high_resolution_outputs": [_randn(BATCH, 5, g=g) for _ in range(2)],
+            "low_resolution_outputs": [_randn(BATCH, 5, g=g) for _ in range(2)],
+        },
+    ),
+    "vicreg": (
+        {"loss": "VICRegLoss"},
+        lambda g: {"z_a": _randn(BATCH, 6, g=g), "z_b": _randn(BATCH, 6, g=g)},
+    ),
+    "barlow": (
+        {"loss": "BarlowTwinsLoss"},
+        lambda g: {"z_a": _randn(BATCH, 6, g=g), "z_b": _randn(BATCH, 6, g=g)},
+    ),
+    "msn": (
+        {"loss": "MSNLoss"},
+        lambda g: {
+            "anchors": _randn(2 * BATCH, 6, g=g),
+            "targets": _randn(BATCH, 6, g=g),
+            "prototypes": _randn(5, 6, g=g),
+        },
+    ),
 }
 
 
@@ -64,11 +85,12 @@ def shard(spec: registry.LossSpec, args: dict[str, Any], world: int, rank: int) 
             continue
         value = args[arg.name]
         if arg.batch is Batch.ROWS:
-            out[arg.name] = tree_map(lambda t: t[rank * b:(rank + 1) * b], value)
+            out[arg.name] = tree_map(lambda t: t[rank * b : (rank + 1) * b], value)
         elif arg.batch is Batch.VIEW_ROWS:
             views = value.shape[0] // BATCH
-            out[arg.name] = torch.cat([value[v * BATCH + rank * b: v * BATCH + (rank + 1) * b]
-                                       for v in range(views)])
+            out[arg.name] = torch.cat(
+                [value[v * BATCH + rank * b : v * BATCH + (rank + 1) * b] for v in range(views)]
+            )
         else:
             out[arg.name] = value
     return out
@@ -82,8 +104,9 @@ def grads_of(args: dict[str, Any]) -> dict[str, Any]:
     return tree_map(lambda t: t.grad, args)
 
 
-def global_reference(case: str, args: dict[str, Any], initial_state: dict[str, torch.Tensor]
-                     ) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+def global_reference(
+    case: str, args: dict[str, Any], initial_state: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
     config = dict(CASES[case][0])
     spec = registry.get(config.pop("loss"))
     module = spec.cls(**config)
@@ -94,8 +117,9 @@ def global_reference(case: str, args: dict[str, Any], initial_state: dict[str, t
     return loss.detach(), grads_of(leaves), module.state_dict()
 
 
-def run_ranks(target: str, case: str, world: int, session_id: str, args: dict[str, Any]
-              ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+def run_ranks(
+    target: str, case: str, world: int, session_id: str, args: dict[str, Any]
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """Every rank in its own thread and client; returns (loss, grads) per rank."""
     config = {k: v for k, v in CASES[case][0].items() if k != "loss"}
     spec = registry.get(CASES[case][0]["loss"])
@@ -105,8 +129,9 @@ def run_ranks(target: str, case: str, world: int, session_id: str, args: dict[st
     def rank_main(rank: int) -> None:
         try:
             with LossClient(target, timeout=60) as client:
-                loss_fn = client.loss(spec.name, session_id=session_id, world_size=world,
-                                      rank=rank, seed=0, **config)
+                loss_fn = client.loss(
+                    spec.name, session_id=session_id, world_size=world, rank=rank, seed=0, **config
+                )
                 mine = leafy(shard(spec, args, world, rank))
                 value = loss_fn(**mine)
                 value.sum().backward()
@@ -125,8 +150,7 @@ def run_ranks(target: str, case: str, world: int, session_id: str, args: dict[st
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", list(CASES))
-def test_ranks_equal_one_process_with_the_global_batch(target: str, case: str, world: int
-                                                       ) -> None:
+def test_ranks_equal_one_process_with_the_global_batch(target: str, case: str, world: int) -> None:
     spec = registry.get(CASES[case][0]["loss"])
     session_id = f"job-{case}-{world}-{uuid.uuid4().hex[:6]}"
     g = torch.Generator().manual_seed(world)
@@ -134,18 +158,23 @@ def test_ranks_equal_one_process_with_the_global_batch(target: str, case: str, w
         config = {k: v for k, v in CASES[case][0].items() if k != "loss"}
         client.create_session(spec.name, session_id=session_id, seed=0, **config)
         initial = client.get_state(session_id)
-        for step in range(2):  # two steps: the state carries over
+        for _ in range(2):  # two steps: the state carries over
             args = CASES[case][1](g)
             loss, grads, state = global_reference(case, args, initial)
-            for rank, (value, rank_grads) in enumerate(run_ranks(target, case, world,
-                                                                 session_id, args)):
+            for rank, (value, rank_grads) in enumerate(
+                run_ranks(target, case, world, session_id, args)
+            ):
                 torch.testing.assert_close(value, loss, rtol=1e-6, atol=1e-7)
                 expected = shard(spec, grads, world, rank)
                 for name, got in rank_grads.items():
                     scale = world if spec.arg(name).batch is not Batch.NONE else 1
                     torch.testing.assert_close(
-                        tree_map(lambda t, s=scale: t / s, got), expected[name],
-                        rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{case} {n}: {m}")
+                        tree_map(lambda t, s=scale: t / s, got),
+                        expected[name],
+                        rtol=1e-5,
+                        atol=1e-6,
+                        msg=lambda m, n=name: f"{case} {n}: {m}",
+                    )
             remote_state = client.get_state(session_id)
             assert remote_state.keys() == state.keys()
             for key in state:
@@ -175,14 +204,28 @@ RANK = """
 def test_ranks_as_processes(target: str, world: int, tmp_path: Path) -> None:
     session_id = f"procs-{world}-{uuid.uuid4().hex[:6]}"
     with LossClient(target) as client:
-        client.create_session("NTXentLoss", session_id=session_id, temperature=0.2,
-                              memory_bank_size=[32, 6], seed=0)
+        client.create_session(
+            "NTXentLoss", session_id=session_id, temperature=0.2, memory_bank_size=[32, 6], seed=0
+        )
         initial = client.get_state(session_id)
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(RANK), str(world), str(rank), session_id,
-         str(tmp_path / f"{rank}.pt")],
-        env={**os.environ, "LOSSD_SERVER": target, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(RANK),
+                str(world),
+                str(rank),
+                session_id,
+                str(tmp_path / f"{rank}.pt"),
+            ],
+            env={**os.environ, "LOSSD_SERVER": target, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
@@ -193,10 +236,11 @@ def test_ranks_as_processes(target: str, world: int, tmp_path: Path) -> None:
     for rank, result in enumerate(got):
         torch.testing.assert_close(result["loss"], loss)
         b = 8 // world
-        torch.testing.assert_close(result["grad"] / world, grads["out0"][rank * b:(rank + 1) * b])
+        torch.testing.assert_close(result["grad"] / world, grads["out0"][rank * b : (rank + 1) * b])
     with LossClient(target) as client:
-        assert torch.equal(client.get_state(session_id)["memory_bank.bank"],
-                           state["memory_bank.bank"])
+        assert torch.equal(
+            client.get_state(session_id)["memory_bank.bank"], state["memory_bank.bank"]
+        )
 
 
 @pytest.fixture
@@ -209,8 +253,12 @@ def impatient_server() -> LossdServer:
 def test_a_missing_rank_aborts_the_step_on_all_ranks(impatient_server: LossdServer) -> None:
     target = f"127.0.0.1:{impatient_server.port}"
     with LossClient(target, retries=0) as client:
-        ranks = [client.loss("NTXentLoss", session_id="short", world_size=3, rank=r,
-                             memory_bank_size=(16, 4)) for r in range(3)]
+        ranks = [
+            client.loss(
+                "NTXentLoss", session_id="short", world_size=3, rank=r, memory_bank_size=(16, 4)
+            )
+            for r in range(3)
+        ]
         before = client.get_state("short")
         errors: list[BaseException] = []
 
@@ -235,8 +283,9 @@ def test_a_missing_rank_aborts_the_step_on_all_ranks(impatient_server: LossdServ
 def test_ranks_that_disagree_on_a_shared_argument_fail_together(target: str) -> None:
     with LossClient(target) as client:
         session_id = f"disagree-{uuid.uuid4().hex[:6]}"
-        ranks = [client.loss("MSNLoss", session_id=session_id, world_size=2, rank=r)
-                 for r in range(2)]
+        ranks = [
+            client.loss("MSNLoss", session_id=session_id, world_size=2, rank=r) for r in range(2)
+        ]
         errors: list[BaseException] = []
 
         def send(rank: int) -> None:

@@ -113,8 +113,9 @@ def decode_block(block: torch.Tensor) -> tuple[str, int, int]:
 Step = Callable[[int], None]  # one step of a loss, given the client's step number
 
 
-def make_steps(client: LossClient, index: int, bank: str, dino_id: str,
-               worker: Worker) -> dict[str, Step]:
+def make_steps(
+    client: LossClient, index: int, bank: str, dino_id: str, worker: Worker
+) -> dict[str, Step]:
     """The losses a client cycles through, each as one step (forward and backward)."""
     g = torch.Generator().manual_seed(index)
 
@@ -143,10 +144,15 @@ def make_steps(client: LossClient, index: int, bank: str, dino_id: str,
         "NTXentLoss": lambda step: ntxent(leaf(BATCH, WIDTH), leaf(BATCH, WIDTH)).backward(),
         "NTXentLoss (shared bank)": moco_step,
         "DINOLoss (shared session)": lambda step: dino(
-            [leaf(BATCH, WIDTH) for _ in range(2)], [leaf(BATCH, WIDTH) for _ in range(3)],
-            epoch=step).backward(),
-        "SwaVLoss": lambda step: swav([leaf(BATCH, WIDTH) for _ in range(2)],
-                                      [leaf(BATCH, WIDTH) for _ in range(2)]).sum().backward(),
+            [leaf(BATCH, WIDTH) for _ in range(2)],
+            [leaf(BATCH, WIDTH) for _ in range(3)],
+            epoch=step,
+        ).backward(),
+        "SwaVLoss": lambda step: (
+            swav([leaf(BATCH, WIDTH) for _ in range(2)], [leaf(BATCH, WIDTH) for _ in range(2)])
+            .sum()
+            .backward()
+        ),
         "VICRegLoss": lambda step: vicreg(leaf(BATCH, WIDTH), leaf(BATCH, WIDTH)).backward(),
         "BarlowTwinsLoss": lambda step: barlow(leaf(BATCH, WIDTH), leaf(BATCH, WIDTH)).backward(),
         "MemoryBankModule (shared bank)": queue_step,
@@ -156,8 +162,16 @@ def make_steps(client: LossClient, index: int, bank: str, dino_id: str,
 ENQUEUES = {"NTXentLoss (shared bank)", "MemoryBankModule (shared bank)"}
 
 
-def run_client(target: str, index: int, bank: str, dino_id: str, budget: RowBudget,
-               start: threading.Barrier, stop_at: list[float], worker: Worker) -> None:
+def run_client(
+    target: str,
+    index: int,
+    bank: str,
+    dino_id: str,
+    budget: RowBudget,
+    start: threading.Barrier,
+    stop_at: list[float],
+    worker: Worker,
+) -> None:
     """Step until the deadline, cycling through the losses from a per-client offset."""
     try:
         with LossClient(target, timeout=60) as client:
@@ -194,19 +208,26 @@ def table(workers: list[Worker], seconds: float, budget: RowBudget) -> str:
             by_loss.setdefault(name, []).extend(values)
     every = [v for values in by_loss.values() for v in values]
     rate = len(every) / max(seconds, 1e-9)
-    lines = [f"\nlossd load: {CLIENTS} clients, {seconds:.1f} s, {rate:.0f} steps/s; bank "
-             f"{BANK_ROWS} x {DIM}, {budget.refused} enqueues refused by the budget",
-             f"{'loss':<32} {'steps':>7} {'p50 ms':>8} {'p99 ms':>8}"]
+    lines = [
+        f"\nlossd load: {CLIENTS} clients, {seconds:.1f} s, {rate:.0f} steps/s; bank "
+        f"{BANK_ROWS} x {DIM}, {budget.refused} enqueues refused by the budget",
+        f"{'loss':<32} {'steps':>7} {'p50 ms':>8} {'p99 ms':>8}",
+    ]
     for name, values in sorted(by_loss.items()):
-        lines.append(f"{name:<32} {len(values):>7} {percentile(values, 0.5):>8.1f} "
-                     f"{percentile(values, 0.99):>8.1f}")
-    lines.append(f"{'all':<32} {len(every):>7} {percentile(every, 0.5):>8.1f} "
-                 f"{percentile(every, 0.99):>8.1f}")
+        lines.append(
+            f"{name:<32} {len(values):>7} {percentile(values, 0.5):>8.1f} "
+            f"{percentile(values, 0.99):>8.1f}"
+        )
+    lines.append(
+        f"{'all':<32} {len(every):>7} {percentile(every, 0.5):>8.1f} "
+        f"{percentile(every, 0.99):>8.1f}"
+    )
     return "\n".join(lines)
 
 
-def test_mixed_load_on_one_shared_bank(load_server: LossdServer,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_mixed_load_on_one_shared_bank(
+    load_server: LossdServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     target = f"127.0.0.1:{load_server.port}"
     tag = uuid.uuid4().hex[:8]
     bank, dino_id = f"load-bank-{tag}", f"load-dino-{tag}"
@@ -216,8 +237,14 @@ def test_mixed_load_on_one_shared_bank(load_server: LossdServer,
         workers = [Worker(i) for i in range(CLIENTS)]
         start = threading.Barrier(CLIENTS + 1)
         stop_at = [float("inf")]
-        threads = [threading.Thread(target=run_client, name=f"load-{w.index}", args=(
-            target, w.index, bank, dino_id, budget, start, stop_at, w)) for w in workers]
+        threads = [
+            threading.Thread(
+                target=run_client,
+                name=f"load-{w.index}",
+                args=(target, w.index, bank, dino_id, budget, start, stop_at, w),
+            )
+            for w in workers
+        ]
         for thread in threads:
             thread.start()
         with contextlib.suppress(threading.BrokenBarrierError):  # a client failed to set

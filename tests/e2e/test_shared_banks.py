@@ -62,7 +62,7 @@ def test_sessions_share_the_bank_and_show_it_as_their_own(client: LossClient) ->
         client.delete_bank("moco")
     co2 = client.loss("CO2Regularizer", shared_bank="moco")
     queue = client.loss("MemoryBankModule", shared_bank="moco", feature_dim_first=False)
-    output, snapshot = queue(torch.randn(2, 6))
+    _, snapshot = queue(torch.randn(2, 6))
     assert torch.equal(snapshot, co2.state_dict()["memory_bank.bank"])
 
 
@@ -79,8 +79,9 @@ def test_attaching_with_another_shape_or_dtype_fails(client: LossClient) -> None
         session(torch.randn(4, 8, requires_grad=True), torch.randn(4, 8))
     half = client.create_bank("half", 8, 6, dtype=torch.float16)
     assert half.dtype == torch.float16
-    client.loss("NTXentLoss", shared_bank="half")(torch.randn(4, 6, requires_grad=True),
-                                                  torch.randn(4, 6))
+    client.loss("NTXentLoss", shared_bank="half")(
+        torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    )
     assert client.get_bank("half").rows_written == 4
 
 
@@ -107,9 +108,13 @@ READ = """
 
 
 def run(code: str, target: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
-                            env={**os.environ, "LOSSD_SERVER": target, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env={**os.environ, "LOSSD_SERVER": target, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_processes_enqueue_into_one_bank(client: LossClient, target: str) -> None:

@@ -40,8 +40,9 @@ def regions_of(server: LossdServer, session_id: str) -> dict[str, object]:
     return server.store.get("", session_id).regions
 
 
-def test_shared_memory_equals_the_wire_and_releases_on_close(server: LossdServer,
-                                                             target: str) -> None:
+def test_shared_memory_equals_the_wire_and_releases_on_close(
+    server: LossdServer, target: str
+) -> None:
     client = LossClient(target, shared_memory=True)
     remote = client.loss("DINOLoss", output_dim=2048)
     value, grads = dino_step(remote)
@@ -94,9 +95,12 @@ CRASH = """
 
 def test_a_crashed_client_leaves_nothing_behind(server: LossdServer, target: str) -> None:
     session_id = f"crash-{uuid.uuid4().hex[:6]}"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CRASH), target, session_id],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CRASH), target, session_id],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     assert regions_of(server, session_id)
     proc.send_signal(signal.SIGKILL)

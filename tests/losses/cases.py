@@ -80,8 +80,9 @@ def gradients(result: Tensor, args: dict[str, Any]) -> dict[str, Any]:
     return {k: grad_of(v) for k, v in args.items()}
 
 
-def run_step(module: nn.Module, step: dict[str, Any],
-             dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+def run_step(
+    module: nn.Module, step: dict[str, Any], dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
     """One forward (and backward) of a step: (result, gradients or None for outputs)."""
     args = step_args(step, dtype)
     result = module(**args)
@@ -115,8 +116,9 @@ def assert_same_state(actual: dict[str, Any], expected: dict[str, Any], where: s
             continue
         assert got is not None, f"{where}: {key} is None"
         assert got.dtype == value.dtype, f"{where}: {key} dtype {got.dtype} != {value.dtype}"
-        torch.testing.assert_close(got, value, rtol=0, atol=0,
-                                   msg=lambda m, key=key: f"{where}: {key}: {m}")
+        torch.testing.assert_close(
+            got, value, rtol=0, atol=0, msg=lambda m, key=key: f"{where}: {key}: {m}"
+        )
 
 
 def assert_trees_equal(actual: Any, expected: Any, where: str = "") -> None:
@@ -125,8 +127,9 @@ def assert_trees_equal(actual: Any, expected: Any, where: str = "") -> None:
         assert actual is None, f"{where}: expected None"
     elif isinstance(expected, Tensor):
         assert isinstance(actual, Tensor), f"{where}: expected a tensor"
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True,
-                                   msg=lambda m: f"{where}: {m}")
+        torch.testing.assert_close(
+            actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: {m}"
+        )
     elif isinstance(expected, dict):
         assert set(actual) == set(expected), f"{where}: keys differ"
         for k in expected:

@@ -43,8 +43,9 @@ def _pairs(actual: Any, expected: Any) -> list[tuple[Tensor, Tensor]]:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
-def test_case_in_another_dtype_works_or_raises_value_error(case: dict[str, Any],
-                                                          dtype: torch.dtype) -> None:
+def test_case_in_another_dtype_works_or_raises_value_error(
+    case: dict[str, Any], dtype: torch.dtype
+) -> None:
     module = build(case)
     for i, step in enumerate(case["steps"]):
         where = f"{case['name']} step {i} in {dtype}"
@@ -69,12 +70,12 @@ def test_case_in_another_dtype_works_or_raises_value_error(case: dict[str, Any],
         else:
             bound = HALF_LOSS_TOL[dtype] * max(1.0, abs(reference))
             assert abs(result.item() - reference) <= bound, f"{where}: {result.item()}"
-            limit = VICREGL_HALF_GRAD_TOL if case["loss"] == "VICRegLLoss" else (
-                HALF_GRAD_TOL[dtype])
+            limit = (
+                VICREGL_HALF_GRAD_TOL if case["loss"] == "VICRegLLoss" else (HALF_GRAD_TOL[dtype])
+            )
             for got, want in _pairs(grads, step["grads"]):
                 assert got.dtype == dtype, where
-                error = (got.double() - want.double()).norm() / want.double().norm().clamp(
-                    min=1e-6)
+                error = (got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-6)
                 assert error <= limit, f"{where}: relative gradient error {error:.3g}"
 
 
@@ -95,12 +96,18 @@ def test_state_stays_float32(case: dict[str, Any], dtype: torch.dtype) -> None:
                 assert value.dtype == torch.float32, f"{key} became {value.dtype}"
 
 
-@pytest.mark.parametrize(("first", "expected"), [
-    (torch.float32, torch.float32), (torch.float16, torch.float32),
-    (torch.bfloat16, torch.float32), (torch.float64, torch.float64),
-])
+@pytest.mark.parametrize(
+    ("first", "expected"),
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
 def test_tico_covariance_takes_the_first_batch_dtype_at_least_float32(
-        first: torch.dtype, expected: torch.dtype) -> None:
+    first: torch.dtype, expected: torch.dtype
+) -> None:
     case = next(c for c in CASES if c["loss"] == "TiCoLoss")
     module = build(case)
     run_step(module, case["steps"][0], first)
@@ -111,22 +118,31 @@ def test_tico_covariance_takes_the_first_batch_dtype_at_least_float32(
 
 
 def _top_level_tensor_args(case: dict[str, Any]) -> list[str]:
-    return [k for k, v in case["steps"][0]["args"].items()
-            if any(t.is_floating_point() for t in leaves(v))]
+    return [
+        k
+        for k, v in case["steps"][0]["args"].items()
+        if any(t.is_floating_point() for t in leaves(v))
+    ]
 
 
 MIXED = [(c, name, dtype) for c in CASES for name in _top_level_tensor_args(c) for dtype in DTYPES]
 
 
-@pytest.mark.parametrize(("case", "arg", "dtype"), MIXED,
-                         ids=[f"{c['name']}-{a}-{d}" for c, a, d in MIXED])
+@pytest.mark.parametrize(
+    ("case", "arg", "dtype"), MIXED, ids=[f"{c['name']}-{a}-{d}" for c, a, d in MIXED]
+)
 def test_one_argument_in_another_dtype_works_or_raises_value_error(
-        case: dict[str, Any], arg: str, dtype: torch.dtype) -> None:
+    case: dict[str, Any], arg: str, dtype: torch.dtype
+) -> None:
     module = build(case)
     step = case["steps"][0]
     args = step_args(step)
-    args[arg] = tree_map(lambda t: t.detach().to(dtype).requires_grad_(t.requires_grad)
-                         if t.is_floating_point() else t, args[arg])
+    args[arg] = tree_map(
+        lambda t: (
+            t.detach().to(dtype).requires_grad_(t.requires_grad) if t.is_floating_point() else t
+        ),
+        args[arg],
+    )
     try:
         result = module(**args)
     except ValueError as error:

@@ -37,8 +37,9 @@ def gradients(loss: torch.Tensor, args: dict[str, Any]) -> dict[str, Any]:
     found = torch.autograd.grad(loss.sum(), inputs, allow_unused=True)
     by_id = {id(t): g for t, g in zip(inputs, found)}
     grads = tree_map(lambda t: by_id.get(id(t)), args)
-    return {k: (None if not isinstance(v, (torch.Tensor, list, tuple)) else v)
-            for k, v in grads.items()}
+    return {
+        k: (None if not isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in grads.items()
+    }
 
 
 def test_there_is_a_case_for_every_loss() -> None:

@@ -35,46 +35,75 @@ LIGHTLY_CONSTRUCTORS: dict[str, list[tuple[str, Any]]] = {
     "DCLLoss": [("temperature", 0.1), ("weight_fn", None), ("gather_distributed", False)],
     "DCLWLoss": [("temperature", 0.1), ("sigma", 0.5), ("gather_distributed", False)],
     "DINOLoss": [
-        ("output_dim", 65536), ("warmup_teacher_temp", 0.04), ("teacher_temp", 0.04),
-        ("warmup_teacher_temp_epochs", 30), ("student_temp", 0.1), ("center_momentum", 0.9),
+        ("output_dim", 65536),
+        ("warmup_teacher_temp", 0.04),
+        ("teacher_temp", 0.04),
+        ("warmup_teacher_temp_epochs", 30),
+        ("student_temp", 0.1),
+        ("center_momentum", 0.9),
         ("center_mode", "mean"),
     ],
     "HypersphereLoss": [("t", 1.0), ("lam", 1.0), ("alpha", 2.0)],
     "IBOTPatchLoss": [
-        ("output_dim", 65536), ("teacher_temp", 0.04), ("student_temp", 0.1),
-        ("center_mode", "mean"), ("center_momentum", 0.9),
+        ("output_dim", 65536),
+        ("teacher_temp", 0.04),
+        ("student_temp", 0.1),
+        ("center_mode", "mean"),
+        ("center_momentum", 0.9),
     ],
     "KoLeoLoss": [("p", 2), ("eps", 1e-8)],
-    "MemoryBankModule": [("size", 65536), ("gather_distributed", False),
-                         ("feature_dim_first", True)],
+    "MemoryBankModule": [
+        ("size", 65536),
+        ("gather_distributed", False),
+        ("feature_dim_first", True),
+    ],
     "MMCRLoss": [("lmda", 5e-3)],
     "MSNLoss": [
-        ("temperature", 0.1), ("sinkhorn_iterations", 3), ("regularization_weight", 1.0),
-        ("gather_distributed", False), ("me_max_weight", None),
+        ("temperature", 0.1),
+        ("sinkhorn_iterations", 3),
+        ("regularization_weight", 1.0),
+        ("gather_distributed", False),
+        ("me_max_weight", None),
     ],
     "NegativeCosineSimilarity": [("dim", 1), ("eps", 1e-8)],
     "NTXentLoss": [("temperature", 0.5), ("memory_bank_size", 0), ("gather_distributed", False)],
     "PMSNCustomLoss": [
-        ("target_distribution", _REQUIRED), ("temperature", 0.1), ("sinkhorn_iterations", 3),
-        ("regularization_weight", 1), ("gather_distributed", False),
+        ("target_distribution", _REQUIRED),
+        ("temperature", 0.1),
+        ("sinkhorn_iterations", 3),
+        ("regularization_weight", 1),
+        ("gather_distributed", False),
     ],
     "PMSNLoss": [
-        ("temperature", 0.1), ("sinkhorn_iterations", 3), ("regularization_weight", 1),
-        ("power_law_exponent", 0.25), ("gather_distributed", False),
+        ("temperature", 0.1),
+        ("sinkhorn_iterations", 3),
+        ("regularization_weight", 1),
+        ("power_law_exponent", 0.25),
+        ("gather_distributed", False),
     ],
     "SwaVLoss": [
-        ("temperature", 0.1), ("sinkhorn_iterations", 3), ("sinkhorn_epsilon", 0.05),
+        ("temperature", 0.1),
+        ("sinkhorn_iterations", 3),
+        ("sinkhorn_epsilon", 0.05),
         ("sinkhorn_gather_distributed", False),
     ],
     "SymNegCosineSimilarityLoss": [],
     "TiCoLoss": [("beta", 0.9), ("rho", 8.0), ("gather_distributed", False)],
     "VICRegLoss": [
-        ("lambda_param", 25.0), ("mu_param", 25.0), ("nu_param", 1.0),
-        ("gather_distributed", False), ("eps", 1e-4),
+        ("lambda_param", 25.0),
+        ("mu_param", 25.0),
+        ("nu_param", 1.0),
+        ("gather_distributed", False),
+        ("eps", 1e-4),
     ],
     "VICRegLLoss": [
-        ("lambda_param", 25.0), ("mu_param", 25.0), ("nu_param", 1.0), ("alpha", 0.75),
-        ("gather_distributed", False), ("eps", 1e-4), ("num_matches", (20, 4)),
+        ("lambda_param", 25.0),
+        ("mu_param", 25.0),
+        ("nu_param", 1.0),
+        ("alpha", 0.75),
+        ("gather_distributed", False),
+        ("eps", 1e-4),
+        ("num_matches", (20, 4)),
     ],
 }
 
@@ -124,8 +153,10 @@ def test_constructor_matches_lightly(spec: LossSpec) -> None:
     assert [p.name for p in params] == [name for name, _ in expected]
     for param, (name, default) in zip(params, expected, strict=True):
         assert param.default == default, f"{name}: {param.default!r} != {default!r}"
-        assert type(param.default) is type(default) or default is _REQUIRED or (
-            isinstance(default, (int, float)) and isinstance(param.default, (int, float))
+        assert (
+            type(param.default) is type(default)
+            or default is _REQUIRED
+            or (isinstance(default, (int, float)) and isinstance(param.default, (int, float)))
         ), f"{name}: {type(param.default)} vs {type(default)}"
     assert spec.required_config() == tuple(n for n, d in expected if d is _REQUIRED)
 
@@ -163,8 +194,10 @@ def test_bank_slot_points_at_a_memory_bank(spec: LossSpec) -> None:
         assert not any(s.endswith("bank") for s in spec.state)
         return
     assert spec.bank.size_arg in spec.constructor.parameters
-    config = {**({"target_distribution": "uniform"} if spec.required_config() else {}),
-              spec.bank.size_arg: (4, 3)}
+    config = {
+        **({"target_distribution": "uniform"} if spec.required_config() else {}),
+        spec.bank.size_arg: (4, 3),
+    }
     module = spec.cls(**config)
     bank = module.get_submodule(spec.bank.module) if spec.bank.module else module
     assert isinstance(bank, MemoryBankModule) and bank.bank.shape == (4, 3)
@@ -175,8 +208,14 @@ def test_bank_slot_points_at_a_memory_bank(spec: LossSpec) -> None:
 def test_every_stateful_spec_has_a_stateful_case() -> None:
     stateful = {name for name, spec in LOSSES.items() if spec.state}
     assert stateful == {c["loss"] for c in STATEFUL_CASES}
-    assert stateful == {"CO2Regularizer", "DINOLoss", "IBOTPatchLoss", "MemoryBankModule",
-                        "NTXentLoss", "TiCoLoss"}
+    assert stateful == {
+        "CO2Regularizer",
+        "DINOLoss",
+        "IBOTPatchLoss",
+        "MemoryBankModule",
+        "NTXentLoss",
+        "TiCoLoss",
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
@@ -230,11 +269,16 @@ def _flatten_flags(flags: Any) -> list[bool]:
     return [f for item in flags for f in _flatten_flags(item)]
 
 
-@pytest.mark.parametrize("case", [FIRST_CASE[n] for n in LOSSES if n != "MemoryBankModule"]
-                         + [c for c in CASES if c["name"] in ("SwaVLoss/queue",
-                                                               "VICRegLLoss/global+local",
-                                                               "CO2Regularizer/bank")],
-                         ids=lambda c: c["name"])
+@pytest.mark.parametrize(
+    "case",
+    [FIRST_CASE[n] for n in LOSSES if n != "MemoryBankModule"]
+    + [
+        c
+        for c in CASES
+        if c["name"] in ("SwaVLoss/queue", "VICRegLLoss/global+local", "CO2Regularizer/bank")
+    ],
+    ids=lambda c: c["name"],
+)
 def test_exactly_the_spec_grad_tensors_receive_gradients(case: dict[str, Any]) -> None:
     spec = LOSSES[case["loss"]]
     module = build(case)

@@ -51,8 +51,9 @@ def _through_bytes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 ROUND_TRIPS = [(c, k) for c in STATEFUL_CASES for k in range(1, len(c["steps"]))]
 
 
-@pytest.mark.parametrize(("case", "k"), ROUND_TRIPS,
-                         ids=[f"{c['name']}@{k}" for c, k in ROUND_TRIPS])
+@pytest.mark.parametrize(
+    ("case", "k"), ROUND_TRIPS, ids=[f"{c['name']}@{k}" for c, k in ROUND_TRIPS]
+)
 def test_state_dict_round_trip_continues_identically(case: dict[str, Any], k: int) -> None:
     uninterrupted = build(case)
     for step in case["steps"][:k]:
@@ -70,8 +71,13 @@ def test_state_dict_round_trip_continues_identically(case: dict[str, Any], k: in
 
 def test_round_trips_cover_every_stateful_loss() -> None:
     assert {c["loss"] for c, _ in ROUND_TRIPS} == {
-        "CO2Regularizer", "DINOLoss", "IBOTPatchLoss", "MemoryBankModule", "NTXentLoss",
-        "TiCoLoss"}
+        "CO2Regularizer",
+        "DINOLoss",
+        "IBOTPatchLoss",
+        "MemoryBankModule",
+        "NTXentLoss",
+        "TiCoLoss",
+    }
 
 
 # -- loading before the first batch ---------------------------------------------------------
@@ -94,13 +100,21 @@ def test_tico_rejects_a_covariance_that_is_not_square() -> None:
         TiCoLoss().load_state_dict({"C": torch.zeros(3, 4)})
 
 
-@pytest.mark.parametrize(("name", "make"), [
-    ("NTXentLoss/moco-bank", lambda: NTXentLoss(temperature=0.2, memory_bank_size=32)),
-    ("CO2Regularizer/bank", lambda: CO2Regularizer(alpha=0.5, t_consistency=0.1,
-                                                   memory_bank_size=32)),
-    ("MemoryBankModule/feature_dim_first=False",
-     lambda: MemoryBankModule(size=32, feature_dim_first=False)),
-], ids=["NTXentLoss", "CO2Regularizer", "MemoryBankModule"])
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("NTXentLoss/moco-bank", lambda: NTXentLoss(temperature=0.2, memory_bank_size=32)),
+        (
+            "CO2Regularizer/bank",
+            lambda: CO2Regularizer(alpha=0.5, t_consistency=0.1, memory_bank_size=32),
+        ),
+        (
+            "MemoryBankModule/feature_dim_first=False",
+            lambda: MemoryBankModule(size=32, feature_dim_first=False),
+        ),
+    ],
+    ids=["NTXentLoss", "CO2Regularizer", "MemoryBankModule"],
+)
 def test_bare_int_bank_loads_before_the_first_batch(name: str, make: Any) -> None:
     """A bank whose dim comes from the first batch accepts lightly's (n, dim) bank first."""
     case = BY_NAME[name]
@@ -128,17 +142,26 @@ def test_bare_int_bank_takes_its_dim_from_the_first_batch() -> None:
 def test_bank_with_the_wrong_size_does_not_load() -> None:
     with pytest.raises(RuntimeError, match="bank"):
         MemoryBankModule(size=(4, 3)).load_state_dict(
-            {"bank": torch.zeros(5, 3), "bank_ptr": torch.zeros(1, dtype=torch.long)})
+            {"bank": torch.zeros(5, 3), "bank_ptr": torch.zeros(1, dtype=torch.long)}
+        )
     with pytest.raises(RuntimeError, match="bank_ptr"):
         MemoryBankModule(size=(4, 3)).load_state_dict(
-            {"bank": torch.zeros(4, 3), "bank_ptr": torch.tensor([4])})
+            {"bank": torch.zeros(4, 3), "bank_ptr": torch.tensor([4])}
+        )
 
 
 # -- lightly's own state dicts --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["DINOLoss/schedule+center", "IBOTPatchLoss/center",
-                                  "NTXentLoss/moco-bank", "CO2Regularizer/bank"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DINOLoss/schedule+center",
+        "IBOTPatchLoss/center",
+        "NTXentLoss/moco-bank",
+        "CO2Regularizer/bank",
+    ],
+)
 def test_lightly_state_dict_loads_as_is(name: str) -> None:
     """The state after lightly's first step (lightly's names and shapes: DINO `center`
     (1, 1, D), iBOT `center.center` (1, D), banks `memory_bank.bank`/`bank_ptr`) loads
@@ -210,8 +233,11 @@ def test_transaction_drops_a_lazily_created_bank() -> None:
 
 def test_transactions_do_not_nest() -> None:
     loss = DINOLoss(output_dim=4)
-    with state_transaction(loss), pytest.raises(RuntimeError, match="nested"), \
-            state_transaction(loss):
+    with (
+        state_transaction(loss),
+        pytest.raises(RuntimeError, match="nested"),
+        state_transaction(loss),
+    ):
         pass
     # the outer block ended; a new transaction is allowed again
     with state_transaction(loss):
@@ -238,14 +264,18 @@ def _bad_calls() -> list[tuple[str, Any]]:
         ("CO2Regularizer/bank", lambda m: m(r(16, 7), r(16, 7))),
         ("MemoryBankModule/feature_dim_first=True", lambda m: m(r(16, 13), update=True)),
         ("MemoryBankModule/feature_dim_first=True", lambda m: m(r(16, 12), update="yes")),
-        ("DINOLoss/schedule+center", lambda m: m([r(16, 32)] * 2, [r(16, 32)] * 2,
-                                                 teacher_temp=0.0)),
+        (
+            "DINOLoss/schedule+center",
+            lambda m: m([r(16, 32)] * 2, [r(16, 32)] * 2, teacher_temp=0.0),
+        ),
         ("DINOLoss/schedule+center", lambda m: m([r(16, 32)], [r(16, 32)])),
         ("DINOLoss/schedule+center", lambda m: m([r(16, 32)] * 2, [r(16, 32)] * 2, epoch=-99)),
         ("DINOLoss/schedule+center", lambda m: m([r(16, 32)] * 2, [r(16, 32), r(15, 32)])),
         ("IBOTPatchLoss/center", lambda m: m(r(3, 32), r(3, 32), torch.ones(1, 2, 2).bool())),
-        ("IBOTPatchLoss/center", lambda m: m(r(4, 32), r(4, 32), torch.ones(1, 2, 2).bool(),
-                                             teacher_temp=-1.0)),
+        (
+            "IBOTPatchLoss/center",
+            lambda m: m(r(4, 32), r(4, 32), torch.ones(1, 2, 2).bool(), teacher_temp=-1.0),
+        ),
         ("TiCoLoss/covariance", lambda m: m(r(1, 12), r(1, 12))),
         ("TiCoLoss/covariance", lambda m: m(r(4, 13), r(4, 13))),
         ("TiCoLoss/covariance", lambda m: m(r(4, 12), r(4, 12), update_covariance_matrix=1)),
@@ -256,10 +286,10 @@ BAD_CALLS = _bad_calls()
 
 
 @pytest.mark.parametrize("in_transaction", [False, True], ids=["plain", "transaction"])
-@pytest.mark.parametrize(("name", "call"), BAD_CALLS,
-                         ids=[f"{n}#{i}" for i, (n, _) in enumerate(BAD_CALLS)])
-def test_a_forward_that_raises_changes_no_state(name: str, call: Any,
-                                                in_transaction: bool) -> None:
+@pytest.mark.parametrize(
+    ("name", "call"), BAD_CALLS, ids=[f"{n}#{i}" for i, (n, _) in enumerate(BAD_CALLS)]
+)
+def test_a_forward_that_raises_changes_no_state(name: str, call: Any, in_transaction: bool) -> None:
     case = BY_NAME[name]
     module = build(case)
     run_step(module, case["steps"][0])
@@ -366,8 +396,9 @@ def test_ntxent_bank_value_under_no_grad_uses_the_bank() -> None:
     assert value.item() == pytest.approx(case["steps"][0]["loss"], rel=LOSS_RTOL)
 
 
-@pytest.mark.parametrize("name", ["DINOLoss/schedule+center", "IBOTPatchLoss/center",
-                                  "CO2Regularizer/bank"])
+@pytest.mark.parametrize(
+    "name", ["DINOLoss/schedule+center", "IBOTPatchLoss/center", "CO2Regularizer/bank"]
+)
 def test_centers_and_co2_bank_move_under_no_grad(name: str) -> None:
     """lightly's rule: no_grad does not stop DINO/iBOT center updates or CO2's enqueue."""
     case = BY_NAME[name]
@@ -376,26 +407,32 @@ def test_centers_and_co2_bank_move_under_no_grad(name: str) -> None:
         with torch.no_grad():
             module(**detached_args(step))
         for key, expected in step["state_after"].items():
-            torch.testing.assert_close(module.state_dict()[key], expected,
-                                       rtol=LOSS_RTOL, atol=1e-6)
+            torch.testing.assert_close(
+                module.state_dict()[key], expected, rtol=LOSS_RTOL, atol=1e-6
+            )
 
 
 def test_dino_center_moves_in_eval_mode_too() -> None:
     case = BY_NAME["DINOLoss/schedule+center"]
     module = build(case).eval()
     run_step(module, case["steps"][0])
-    torch.testing.assert_close(module.center, case["steps"][0]["state_after"]["center"],
-                               rtol=LOSS_RTOL, atol=1e-6)
+    torch.testing.assert_close(
+        module.center, case["steps"][0]["state_after"]["center"], rtol=LOSS_RTOL, atol=1e-6
+    )
 
 
 # -- bank initialisation ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda: MemoryBankModule(size=(7, 3)).bank,
-    lambda: NTXentLoss(memory_bank_size=(7, 3)).memory_bank.bank,
-    lambda: CO2Regularizer(memory_bank_size=[7, 3]).memory_bank.bank,
-], ids=["MemoryBankModule", "NTXentLoss", "CO2Regularizer"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MemoryBankModule(size=(7, 3)).bank,
+        lambda: NTXentLoss(memory_bank_size=(7, 3)).memory_bank.bank,
+        lambda: CO2Regularizer(memory_bank_size=[7, 3]).memory_bank.bank,
+    ],
+    ids=["MemoryBankModule", "NTXentLoss", "CO2Regularizer"],
+)
 def test_bank_init_after_seed_is_normalized_randn(make: Any) -> None:
     torch.manual_seed(0)
     bank = make()

@@ -42,8 +42,9 @@ from lossd.losses import (
 from lossd.losses.registry import LOSSES, Batch, DType, Kind
 from tests.losses.cases import assert_same_state, snapshot
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 Data = st.DataObject
 
@@ -60,8 +61,9 @@ def named_arguments(message: str) -> set[str]:
     return {re.sub(r"\[.*$", "", part).strip() for part in segments[0].split(" and ")}
 
 
-def assert_value_error(call: Callable[[], Any], names: set[str], module: nn.Module | None = None
-                       ) -> None:
+def assert_value_error(
+    call: Callable[[], Any], names: set[str], module: nn.Module | None = None
+) -> None:
     """`call` raises ValueError in lossd's formula, naming one of `names` first, and leaves
     the module's state as it was."""
     before = None if module is None else snapshot(module)
@@ -108,6 +110,7 @@ def _two_views(cls: type[nn.Module], a: str, b: str, **config: Any) -> Callable[
     def make(data: Data) -> Call:
         r, batch, dim = Maker(data), _size(data, "B"), _size(data, "D")
         return Call(cls(**config), {a: r(batch, dim), b: r(batch, dim)}, {"B": batch, "D": dim})
+
     return make
 
 
@@ -118,16 +121,22 @@ def _ntxent(data: Data) -> Call:
     module = NTXentLoss(memory_bank_size={"none": 0, "tuple": (n, dim), "lazy": n}[bank])
     if bank != "none" and data.draw(st.booleans(), label="warm"):
         module(r(batch, dim).requires_grad_(), r(batch, dim))
-    return Call(module, {"out0": r(batch, dim).requires_grad_(), "out1": r(batch, dim)},
-                {"B": batch, "D": dim, "bank": int(bank != "none")})
+    return Call(
+        module,
+        {"out0": r(batch, dim).requires_grad_(), "out1": r(batch, dim)},
+        {"B": batch, "D": dim, "bank": int(bank != "none")},
+    )
 
 
 def _co2(data: Data) -> Call:
     r, batch, dim = Maker(data), _size(data, "B", 1), _size(data, "D")
     bank = data.draw(st.booleans(), label="bank")
     module = CO2Regularizer(memory_bank_size=(_size(data, "n", 1, 8), dim) if bank else 0)
-    return Call(module, {"out0": r(batch, dim), "out1": r(batch, dim)},
-                {"B": batch, "D": dim, "bank": int(bank)})
+    return Call(
+        module,
+        {"out0": r(batch, dim), "out1": r(batch, dim)},
+        {"B": batch, "D": dim, "bank": int(bank)},
+    )
 
 
 def _tico(data: Data) -> Call:
@@ -147,8 +156,11 @@ def _vicreg(data: Data) -> Call:
 
 def _negcos(data: Data) -> Call:
     r, batch, dim = Maker(data), _size(data, "B"), _size(data, "D")
-    return Call(NegativeCosineSimilarity(), {"x0": r(batch, dim), "x1": r(batch, dim)},
-                {"B": batch, "D": dim})
+    return Call(
+        NegativeCosineSimilarity(),
+        {"x0": r(batch, dim), "x1": r(batch, dim)},
+        {"B": batch, "D": dim},
+    )
 
 
 def _koleo(data: Data) -> Call:
@@ -158,19 +170,26 @@ def _koleo(data: Data) -> Call:
 
 def _mmcr(data: Data) -> Call:
     r, batch, k, dim = Maker(data), _size(data, "B"), _size(data, "k", 1, 3), _size(data, "D")
-    return Call(MMCRLoss(), {"online": r(batch, k, dim), "momentum": r(batch, k, dim)},
-                {"B": batch, "D": dim})
+    return Call(
+        MMCRLoss(),
+        {"online": r(batch, k, dim), "momentum": r(batch, k, dim)},
+        {"B": batch, "D": dim},
+    )
 
 
 def _msn(cls: Callable[[], nn.Module]) -> Callable[[Data], Call]:
     def make(data: Data) -> Call:
         r, batch, dim = Maker(data), _size(data, "B"), _size(data, "D")
         views, protos = _size(data, "V", 1, 3), _size(data, "K", 1, 6)
-        args = {"anchors": r(views * batch, dim), "targets": r(batch, dim),
-                "prototypes": r(protos, dim)}
+        args = {
+            "anchors": r(views * batch, dim),
+            "targets": r(batch, dim),
+            "prototypes": r(protos, dim),
+        }
         if data.draw(st.booleans(), label="sharpen"):
             args["target_sharpen_temperature"] = data.draw(st.floats(0.05, 2.0))
         return Call(cls(), args, {"B": batch, "D": dim})
+
     return make
 
 
@@ -179,8 +198,10 @@ def _dino(data: Data) -> Call:
     n_t = _size(data, "Vt", 1, 3)
     n_s = _size(data, "Vs", 2 if n_t == 1 else 1, 4)
     module = DINOLoss(output_dim=dim, warmup_teacher_temp_epochs=_size(data, "W", 0, 4))
-    args: dict[str, Any] = {"teacher_out": [r(batch, dim) for _ in range(n_t)],
-                            "student_out": [r(batch, dim) for _ in range(n_s)]}
+    args: dict[str, Any] = {
+        "teacher_out": [r(batch, dim) for _ in range(n_t)],
+        "student_out": [r(batch, dim) for _ in range(n_s)],
+    }
     if data.draw(st.booleans(), label="epoch"):
         args["epoch"] = data.draw(st.integers(0, 6))
     return Call(module, args, {"B": batch, "D": dim})
@@ -192,21 +213,30 @@ def _ibot(data: Data) -> Call:
     h, w = _size(data, "H", 1, 3), _size(data, "W", 1, 3)
     mask = torch.rand(batch, h, w, generator=g) < 0.5
     n = int(mask.sum())
-    return Call(IBOTPatchLoss(output_dim=dim),
-                {"teacher_out": torch.randn(n, dim, generator=g),
-                 "student_out": torch.randn(n, dim, generator=g), "mask": mask},
-                {"B": batch, "D": dim, "N": n})
+    return Call(
+        IBOTPatchLoss(output_dim=dim),
+        {
+            "teacher_out": torch.randn(n, dim, generator=g),
+            "student_out": torch.randn(n, dim, generator=g),
+            "mask": mask,
+        },
+        {"B": batch, "D": dim, "N": n},
+    )
 
 
 def _bank(data: Data) -> Call:
     r, batch, dim = Maker(data), _size(data, "B", 1), _size(data, "D")
     lazy = data.draw(st.booleans(), label="lazy")
-    module = MemoryBankModule(size=_size(data, "n", 1, 8) if lazy else (_size(data, "n", 1, 8),
-                                                                          dim))
+    module = MemoryBankModule(
+        size=_size(data, "n", 1, 8) if lazy else (_size(data, "n", 1, 8), dim)
+    )
     if lazy:
         module(r(batch, dim), update=True)  # shapes the bank
-    return Call(module, {"output": r(batch, dim), "update": data.draw(st.booleans())},
-                {"B": batch, "D": dim})
+    return Call(
+        module,
+        {"output": r(batch, dim), "update": data.draw(st.booleans())},
+        {"B": batch, "D": dim},
+    )
 
 
 def _swav(data: Data) -> Call:
@@ -225,9 +255,11 @@ def _swav(data: Data) -> Call:
 
 def _symneg(data: Data) -> Call:
     r, batch, dim = Maker(data), _size(data, "B", 1), _size(data, "D")
-    return Call(SymNegCosineSimilarityLoss(),
-                {"out0": (r(batch, dim), r(batch, dim)), "out1": (r(batch, dim), r(batch, dim))},
-                {"B": batch, "D": dim})
+    return Call(
+        SymNegCosineSimilarityLoss(),
+        {"out0": (r(batch, dim), r(batch, dim)), "out1": (r(batch, dim), r(batch, dim))},
+        {"B": batch, "D": dim},
+    )
 
 
 def _vicregl(data: Data) -> Call:
@@ -238,8 +270,10 @@ def _vicregl(data: Data) -> Call:
     hg, hl = _size(data, "Hg", 1, 3), _size(data, "Hl", 1, 2)
 
     def views(n: int, h: int) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
-        return ([(r(batch, dg), r(batch, h, h, dl)) for _ in range(n)],
-                [r(batch, h, h, 2) for _ in range(n)])
+        return (
+            [(r(batch, dg), r(batch, h, h, dl)) for _ in range(n)],
+            [r(batch, h, h, 2) for _ in range(n)],
+        )
 
     gf, gg = views(n_global, hg)
     args: dict[str, Any] = {"global_view_features": gf, "global_view_grids": gg}
@@ -330,9 +364,10 @@ def non_tensor(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None
     if picked is None:
         return None
     path, t = picked
-    value = data.draw(st.sampled_from([None, 1.0, "x", t.tolist(), t.detach().numpy(),
-                                       np.float32(1.0)]),
-                      label="value")
+    value = data.draw(
+        st.sampled_from([None, 1.0, "x", t.tolist(), t.detach().numpy(), np.float32(1.0)]),
+        label="value",
+    )
     return _replace(call.args, path, value), {path[0]}
 
 
@@ -451,8 +486,11 @@ def other_dim_than_state(data: Data, call: Call) -> tuple[dict[str, Any], set[st
         return None
     a, b = _first_two(call)
     dim = state.shape[-1] + data.draw(st.integers(1, 3), label="extra")
-    return {**call.args, a: torch.randn(call.args[a].shape[0], dim),
-            b: torch.randn(call.args[b].shape[0], dim)}, {a, b}
+    return {
+        **call.args,
+        a: torch.randn(call.args[a].shape[0], dim),
+        b: torch.randn(call.args[b].shape[0], dim),
+    }, {a, b}
 
 
 def mixed_dtypes(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
@@ -496,8 +534,14 @@ def msn_mixed(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
 
 
 def dino_one_view_each(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
-    return ({**call.args, "teacher_out": call.args["teacher_out"][:1],
-             "student_out": call.args["student_out"][:1]}, {"teacher_out", "student_out"})
+    return (
+        {
+            **call.args,
+            "teacher_out": call.args["teacher_out"][:1],
+            "student_out": call.args["student_out"][:1],
+        },
+        {"teacher_out", "student_out"},
+    )
 
 
 def dino_empty_list(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
@@ -511,6 +555,7 @@ def _views_of(call: Call, names: list[str]) -> list[tuple[str, int]]:
 
 def view_shape(names: list[str], dims: tuple[int, ...]) -> Mutation:
     """One view of a list argument gets another size along one of `dims`."""
+
     def mutate(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
         name, i = data.draw(st.sampled_from(_views_of(call, names)), label="view")
         dim = data.draw(st.sampled_from(dims), label="dim")
@@ -523,6 +568,7 @@ def view_shape(names: list[str], dims: tuple[int, ...]) -> Mutation:
         views = list(call.args[name])
         views[i] = grown
         return {**call.args, name: views}, set(names)
+
     return mutate
 
 
@@ -537,7 +583,7 @@ def ibot_dims(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
     which = data.draw(st.sampled_from(["teacher_out", "student_out", "both"]), label="which")
     n = call.sizes["N"]
     args = dict(call.args)
-    for key in (["teacher_out", "student_out"] if which == "both" else [which]):
+    for key in ["teacher_out", "student_out"] if which == "both" else [which]:
         args[key] = torch.randn(n, call.sizes["D"] + 1)
     return args, {"teacher_out", "student_out"}
 
@@ -545,7 +591,9 @@ def ibot_dims(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
 def ibot_rows_differ(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
     s = call.args["student_out"]
     return {**call.args, "student_out": torch.cat([s, torch.randn(1, s.shape[1])])}, {
-        "student_out", "teacher_out"}
+        "student_out",
+        "teacher_out",
+    }
 
 
 def ibot_no_images(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
@@ -553,8 +601,11 @@ def ibot_no_images(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | 
 
 
 def swav_one_crop(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
-    args = {**call.args, "high_resolution_outputs": call.args["high_resolution_outputs"][:1],
-            "low_resolution_outputs": []}
+    args = {
+        **call.args,
+        "high_resolution_outputs": call.args["high_resolution_outputs"][:1],
+        "low_resolution_outputs": [],
+    }
     args.pop("queue_outputs", None)
     return args, {"high_resolution_outputs", "low_resolution_outputs"}
 
@@ -579,8 +630,11 @@ def swav_queue_width(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] 
 
 def swav_empty(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
     along = data.draw(st.sampled_from([0, 1]), label="empty dim")
-    args = {k: [t[:0] if along == 0 else t[:, :0] for t in v] for k, v in call.args.items()
-            if k != "queue_outputs"}
+    args = {
+        k: [t[:0] if along == 0 else t[:, :0] for t in v]
+        for k, v in call.args.items()
+        if k != "queue_outputs"
+    }
     return args, {"high_resolution_outputs", "low_resolution_outputs"}
 
 
@@ -619,8 +673,13 @@ def vicregl_half_locals(data: Data, call: Call) -> tuple[dict[str, Any], set[str
 
 
 def vicregl_one_view(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
-    return ({"global_view_features": call.args["global_view_features"][:1],
-             "global_view_grids": call.args["global_view_grids"][:1]}, {"global_view_features"})
+    return (
+        {
+            "global_view_features": call.args["global_view_features"][:1],
+            "global_view_grids": call.args["global_view_grids"][:1],
+        },
+        {"global_view_features"},
+    )
 
 
 def vicregl_batch_of_one(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
@@ -628,6 +687,7 @@ def vicregl_batch_of_one(data: Data, call: Call) -> tuple[dict[str, Any], set[st
         if isinstance(tree, Tensor):
             return tree[:1]
         return type(tree)(first(t) for t in tree)
+
     return {k: first(v) for k, v in call.args.items()}, {"global_view_features"}
 
 
@@ -645,7 +705,11 @@ def vicregl_feature_shape(data: Data, call: Call) -> tuple[dict[str, Any], set[s
     pair[element] = torch.cat([t, t[tuple(index)]], dim=along)
     views[i] = tuple(pair)
     return {**call.args, f"{kind}_view_features": views}, {
-        "global_view_features", "local_view_features", "global_view_grids", "local_view_grids"}
+        "global_view_features",
+        "local_view_features",
+        "global_view_grids",
+        "local_view_grids",
+    }
 
 
 def vicregl_mixed(data: Data, call: Call) -> tuple[dict[str, Any], set[str]] | None:
@@ -677,8 +741,11 @@ SPECIFIC: dict[str, list[Mutation]] = {
     "CO2Regularizer": [*TWO_VIEW, other_dim_than_state, mixed_dtypes],
     "DCLLoss": [*NEEDS_TWO, mixed_dtypes],
     "DCLWLoss": [*NEEDS_TWO, mixed_dtypes],
-    "DINOLoss": [dino_one_view_each, dino_empty_list,
-                 view_shape(["teacher_out", "student_out"], (0, 1))],
+    "DINOLoss": [
+        dino_one_view_each,
+        dino_empty_list,
+        view_shape(["teacher_out", "student_out"], (0, 1)),
+    ],
     "HypersphereLoss": NEEDS_TWO,
     "IBOTPatchLoss": [ibot_count, ibot_dims, ibot_rows_differ, ibot_no_images],
     "KoLeoLoss": [],
@@ -689,12 +756,24 @@ SPECIFIC: dict[str, list[Mutation]] = {
     "NTXentLoss": [*TWO_VIEW, other_dim_than_state, mixed_dtypes],
     "PMSNCustomLoss": [msn_not_a_multiple, msn_other_dims, msn_no_prototypes, msn_mixed],
     "PMSNLoss": [msn_not_a_multiple, msn_other_dims, msn_no_prototypes, msn_mixed],
-    "SwaVLoss": [swav_one_crop, swav_no_high, swav_short_queue, swav_queue_width, swav_empty,
-                 view_shape(["high_resolution_outputs", "low_resolution_outputs"], (0, 1))],
+    "SwaVLoss": [
+        swav_one_crop,
+        swav_no_high,
+        swav_short_queue,
+        swav_queue_width,
+        swav_empty,
+        view_shape(["high_resolution_outputs", "low_resolution_outputs"], (0, 1)),
+    ],
     "SymNegCosineSimilarityLoss": [symneg_bad_pair, symneg_shapes],
     "TiCoLoss": [*NEEDS_TWO, other_dim_than_state],
-    "VICRegLLoss": [vicregl_grid_count, vicregl_half_locals, vicregl_one_view,
-                    vicregl_batch_of_one, vicregl_feature_shape, vicregl_mixed],
+    "VICRegLLoss": [
+        vicregl_grid_count,
+        vicregl_half_locals,
+        vicregl_one_view,
+        vicregl_batch_of_one,
+        vicregl_feature_shape,
+        vicregl_mixed,
+    ],
     "VICRegLoss": NEEDS_TWO,
 }
 
@@ -712,12 +791,14 @@ def _applies(name: str, mutation: Mutation) -> bool:
 MUTATIONS = [(name, m) for name in NAMES for m in GENERIC + SPECIFIC[name] if _applies(name, m)]
 
 
-@pytest.mark.parametrize(("name", "mutate"), MUTATIONS,
-                         ids=[f"{n}-{m.__qualname__.split('.')[0]}" for n, m in MUTATIONS])
+@pytest.mark.parametrize(
+    ("name", "mutate"), MUTATIONS, ids=[f"{n}-{m.__qualname__.split('.')[0]}" for n, m in MUTATIONS]
+)
 @settings(SETTINGS, max_examples=12)
 @given(data=st.data())
-def test_bad_input_raises_value_error_naming_the_argument(name: str, mutate: Mutation,
-                                                          data: Data) -> None:
+def test_bad_input_raises_value_error_naming_the_argument(
+    name: str, mutate: Mutation, data: Data
+) -> None:
     call = VALID[name](data)
     mutated = mutate(data, call)
     assume(mutated is not None)  # some mutations need e.g. a bank or two views
@@ -740,8 +821,10 @@ def test_an_empty_batch_is_a_value_error_or_a_result(name: str, data: Data) -> N
             return tree[:0]
         return type(tree)(empty(t) for t in tree)
 
-    args = {k: empty(v) if spec.arg(k).batch != Batch.NONE and v is not None else v
-            for k, v in call.args.items()}
+    args = {
+        k: empty(v) if spec.arg(k).batch != Batch.NONE and v is not None else v
+        for k, v in call.args.items()
+    }
     before = snapshot(call.module)
     try:
         call.module(**args)
@@ -757,28 +840,49 @@ _REQUIRED_CONFIG = {"PMSNCustomLoss": {"target_distribution": "uniform"}}
 
 #: Constructor parameters that must be > 0 (temperatures, widths, epsilons).
 POSITIVE = {
-    ("DCLLoss", "temperature"), ("DCLWLoss", "temperature"), ("DCLWLoss", "sigma"),
-    ("DINOLoss", "warmup_teacher_temp"), ("DINOLoss", "teacher_temp"),
-    ("DINOLoss", "student_temp"), ("IBOTPatchLoss", "teacher_temp"),
-    ("IBOTPatchLoss", "student_temp"), ("KoLeoLoss", "p"), ("KoLeoLoss", "eps"),
-    ("MSNLoss", "temperature"), ("PMSNLoss", "temperature"), ("PMSNCustomLoss", "temperature"),
-    ("SwaVLoss", "temperature"), ("SwaVLoss", "sinkhorn_epsilon"),
-    ("CO2Regularizer", "t_consistency"), ("NegativeCosineSimilarity", "eps"),
-    ("VICRegLoss", "eps"), ("VICRegLLoss", "eps"),
+    ("DCLLoss", "temperature"),
+    ("DCLWLoss", "temperature"),
+    ("DCLWLoss", "sigma"),
+    ("DINOLoss", "warmup_teacher_temp"),
+    ("DINOLoss", "teacher_temp"),
+    ("DINOLoss", "student_temp"),
+    ("IBOTPatchLoss", "teacher_temp"),
+    ("IBOTPatchLoss", "student_temp"),
+    ("KoLeoLoss", "p"),
+    ("KoLeoLoss", "eps"),
+    ("MSNLoss", "temperature"),
+    ("PMSNLoss", "temperature"),
+    ("PMSNCustomLoss", "temperature"),
+    ("SwaVLoss", "temperature"),
+    ("SwaVLoss", "sinkhorn_epsilon"),
+    ("CO2Regularizer", "t_consistency"),
+    ("NegativeCosineSimilarity", "eps"),
+    ("VICRegLoss", "eps"),
+    ("VICRegLLoss", "eps"),
 }
 #: Integer parameters and their minimum.
 INTEGERS = {
-    ("DINOLoss", "output_dim"): 1, ("DINOLoss", "warmup_teacher_temp_epochs"): 0,
-    ("IBOTPatchLoss", "output_dim"): 1, ("MSNLoss", "sinkhorn_iterations"): 0,
-    ("PMSNLoss", "sinkhorn_iterations"): 0, ("PMSNCustomLoss", "sinkhorn_iterations"): 0,
-    ("SwaVLoss", "sinkhorn_iterations"): 0, ("NegativeCosineSimilarity", "dim"): None,
+    ("DINOLoss", "output_dim"): 1,
+    ("DINOLoss", "warmup_teacher_temp_epochs"): 0,
+    ("IBOTPatchLoss", "output_dim"): 1,
+    ("MSNLoss", "sinkhorn_iterations"): 0,
+    ("PMSNLoss", "sinkhorn_iterations"): 0,
+    ("PMSNCustomLoss", "sinkhorn_iterations"): 0,
+    ("SwaVLoss", "sinkhorn_iterations"): 0,
+    ("NegativeCosineSimilarity", "dim"): None,
 }
 #: Parameters in [0, 1].
-UNIT = {("DINOLoss", "center_momentum"), ("IBOTPatchLoss", "center_momentum"),
-        ("TiCoLoss", "beta")}
+UNIT = {("DINOLoss", "center_momentum"), ("IBOTPatchLoss", "center_momentum"), ("TiCoLoss", "beta")}
 #: Parameters with their own rules, tested separately below.
-SPECIAL = {"memory_bank_size", "size", "num_matches", "center_mode", "weight_fn",
-           "target_distribution", "me_max_weight"}
+SPECIAL = {
+    "memory_bank_size",
+    "size",
+    "num_matches",
+    "center_mode",
+    "weight_fn",
+    "target_distribution",
+    "me_max_weight",
+}
 
 
 def _bad_values(loss: str, param: str, default: Any) -> list[Any]:
@@ -806,8 +910,11 @@ CONSTRUCTOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("loss", "param", "value"), CONSTRUCTOR_CASES,
-                         ids=[f"{lo}-{pa}-{v!r}" for lo, pa, v in CONSTRUCTOR_CASES])
+@pytest.mark.parametrize(
+    ("loss", "param", "value"),
+    CONSTRUCTOR_CASES,
+    ids=[f"{lo}-{pa}-{v!r}" for lo, pa, v in CONSTRUCTOR_CASES],
+)
 def test_constructor_rejects_bad_values(loss: str, param: str, value: Any) -> None:
     config = {**_REQUIRED_CONFIG.get(loss, {}), param: value}
     assert_value_error(lambda: CONSTRUCTORS[loss](**config), {param})
@@ -820,13 +927,18 @@ def test_every_constructor_parameter_is_covered() -> None:
             assert (loss, param) in covered or param in SPECIAL, (loss, param)
 
 
-@pytest.mark.parametrize("make", [
-    lambda v: NTXentLoss(memory_bank_size=v),
-    lambda v: CO2Regularizer(memory_bank_size=v),
-    lambda v: MemoryBankModule(size=v),
-], ids=["NTXentLoss", "CO2Regularizer", "MemoryBankModule"])
-@pytest.mark.parametrize("size", [-1, (-1, 4), (4, -1), [3, -2], "64", 2.5, True, (4, 2.0),
-                                  (4, 0), (), None])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: NTXentLoss(memory_bank_size=v),
+        lambda v: CO2Regularizer(memory_bank_size=v),
+        lambda v: MemoryBankModule(size=v),
+    ],
+    ids=["NTXentLoss", "CO2Regularizer", "MemoryBankModule"],
+)
+@pytest.mark.parametrize(
+    "size", [-1, (-1, 4), (4, -1), [3, -2], "64", 2.5, True, (4, 2.0), (4, 0), (), None]
+)
 def test_bank_sizes_are_validated(make: Callable[[Any], nn.Module], size: Any) -> None:
     names = {"memory_bank_size", "size"}
     assert_value_error(lambda: make(size), names)
@@ -857,8 +969,7 @@ def test_unknown_weight_fn(value: Any) -> None:
 
 @pytest.mark.parametrize("value", ["gaussian", "Uniform", "", 3, None])
 def test_unknown_target_distribution(value: Any) -> None:
-    assert_value_error(lambda: PMSNCustomLoss(target_distribution=value),
-                       {"target_distribution"})
+    assert_value_error(lambda: PMSNCustomLoss(target_distribution=value), {"target_distribution"})
 
 
 @pytest.mark.parametrize("value", [(0, 4), (3,), (3, 4, 5), (1.5, 2), "20,4", None, (True, 2)])

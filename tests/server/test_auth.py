@@ -25,8 +25,9 @@ from tests.conftest import require_tool, start_server
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossdServer]:
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
-    tokens.write_text("# token tenant\nalpha-secret team-a\nbeta-secret team-b\n"
-                      "alpha-second team-a\n")
+    tokens.write_text(
+        "# token tenant\nalpha-secret team-a\nbeta-secret team-b\nalpha-second team-a\n"
+    )
     server = start_server(auth_tokens_file=str(tokens))
     yield server
     server.stop(grace=0)
@@ -37,8 +38,9 @@ def connect(server: LossdServer, token: str | None) -> LossClient:
 
 
 @pytest.mark.parametrize("token", [None, "wrong-secret"])
-def test_missing_or_unknown_tokens_are_unauthenticated(secured: LossdServer,
-                                                       token: str | None) -> None:
+def test_missing_or_unknown_tokens_are_unauthenticated(
+    secured: LossdServer, token: str | None
+) -> None:
     with connect(secured, token) as client, pytest.raises(UnauthenticatedError) as info:
         client.list_sessions()
     assert isinstance(info.value, PermissionError)
@@ -51,8 +53,11 @@ def test_health_needs_no_token(secured: LossdServer) -> None:
 
 
 def test_tenants_never_see_each_others_sessions_or_banks(secured: LossdServer) -> None:
-    with (connect(secured, "alpha-secret") as a, connect(secured, "beta-secret") as b,
-          connect(secured, "alpha-second") as a2):
+    with (
+        connect(secured, "alpha-secret") as a,
+        connect(secured, "beta-secret") as b,
+        connect(secured, "alpha-second") as a2,
+    ):
         a.create_bank("negatives", 16, 4)
         mine = a.loss("NTXentLoss", session_id="same-id", shared_bank="negatives")
         mine(torch.randn(4, 4, requires_grad=True), torch.randn(4, 4))
@@ -88,16 +93,34 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for localhost / 127.0.0.1, made by openssl for this test."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True)
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
 def test_tls(tmp_path: Path) -> None:
-    require_tool(subprocess.run(["which", "openssl"], capture_output=True).returncode == 0,
-                 "openssl")
+    require_tool(
+        subprocess.run(["which", "openssl"], capture_output=True).returncode == 0, "openssl"
+    )
     cert, key = self_signed(tmp_path)
     server = start_server(tls_cert=str(cert), tls_key=str(key))
     try:

@@ -19,8 +19,13 @@ from tests.conftest import start_server
 
 @pytest.fixture
 def small() -> Iterator[LossdServer]:
-    limits = Limits(max_sessions_per_tenant=3, max_session_state_bytes=4 * MIB,
-                    max_state_bytes=6 * MIB, max_concurrent_steps=1, max_queued_steps=1)
+    limits = Limits(
+        max_sessions_per_tenant=3,
+        max_session_state_bytes=4 * MIB,
+        max_state_bytes=6 * MIB,
+        max_concurrent_steps=1,
+        max_queued_steps=1,
+    )
     server = start_server(limits=limits, max_message_mb=1)
     yield server
     server.stop(grace=0)

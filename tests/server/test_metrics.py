@@ -20,16 +20,19 @@ def test_metrics_endpoint(caplog: pytest.LogCaptureFixture) -> None:
             loss = client.loss("NTXentLoss", memory_bank_size=(64, 8), session_id="watched")
             for _ in range(3):
                 loss(torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)).backward()
-            with caplog.at_level(logging.WARNING, logger="lossd.server"), \
-                    pytest.raises(InvalidArgumentError):
+            with (
+                caplog.at_level(logging.WARNING, logger="lossd.server"),
+                pytest.raises(InvalidArgumentError),
+            ):
                 loss(torch.randn(4, 8), torch.randn(5, 8))
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
     finally:
         server.stop(grace=0)
     assert 'lossd_requests_total{code="OK",loss="NTXentLoss",method="Compute"} 3.0' in text
-    assert ('lossd_requests_total{code="INVALID_ARGUMENT",loss="NTXentLoss",method="Compute"} '
-            "1.0") in text
+    assert (
+        'lossd_requests_total{code="INVALID_ARGUMENT",loss="NTXentLoss",method="Compute"} 1.0'
+    ) in text
     assert 'lossd_request_seconds_bucket{le="+Inf",loss="NTXentLoss",method="Compute"} 4.0' in text
     assert 'lossd_payload_bytes_total{direction="in",method="Compute"}' in text
     assert "lossd_sessions 1.0" in text

@@ -19,8 +19,9 @@ def test_a_retry_during_the_first_attempt_waits_for_its_answer() -> None:
         return "answer"
 
     answers: list[str] = []
-    threads = [threading.Thread(target=lambda: answers.append(cache.run("id", slow)))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: answers.append(cache.run("id", slow))) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

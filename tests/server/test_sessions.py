@@ -21,8 +21,13 @@ def test_create_attach_get_list_delete(client: LossClient) -> None:
     again = client.create_session("NTXentLoss", session_id="lifecycle", temperature=0.3)
     assert not again.created and again.session_id == "lifecycle"
     # Defaults spelled out attach to the same session as defaults left out.
-    explicit = client.create_session("NTXentLoss", session_id="lifecycle", temperature=0.3,
-                                     memory_bank_size=0, gather_distributed=False)
+    explicit = client.create_session(
+        "NTXentLoss",
+        session_id="lifecycle",
+        temperature=0.3,
+        memory_bank_size=0,
+        gather_distributed=False,
+    )
     assert not explicit.created
     with pytest.raises(AlreadyExistsError):
         client.create_session("NTXentLoss", session_id="lifecycle", temperature=0.5)

@@ -56,8 +56,9 @@ def snapshot(stub: pb_grpc.LossServiceStub, session_id: str) -> tuple[int, dict[
     return state.steps, {k: t.clone() for k, t in codec.decode_tensors(state.tensors).items()}
 
 
-def assert_unchanged(before: tuple[int, dict[str, torch.Tensor]],
-                     after: tuple[int, dict[str, torch.Tensor]]) -> None:
+def assert_unchanged(
+    before: tuple[int, dict[str, torch.Tensor]], after: tuple[int, dict[str, torch.Tensor]]
+) -> None:
     assert before[0] == after[0]
     assert before[1].keys() == after[1].keys()
     for k in before[1]:
@@ -84,14 +85,18 @@ BAD_ARGS = {
     "no value": ({"out0": tpb.Value()}, ["out0"]),
     "unknown argument": ({"out2": codec.encode_value(torch.ones(4, 4))}, ["out2", "out0"]),
     "wrong kind": ({"out0": codec.encode_value([torch.ones(4, 4)])}, ["out0", "a tensor"]),
-    "int tensor": ({"out0": codec.encode_value(torch.ones(4, 4, dtype=torch.int64))},
-                   ["out0", "floating"]),
+    "int tensor": (
+        {"out0": codec.encode_value(torch.ones(4, 4, dtype=torch.int64))},
+        ["out0", "floating"],
+    ),
     "nan": ({"out0": codec.encode_value(torch.full((4, 4), float("nan")))}, ["out0", "finite"]),
     "inf": ({"out1": codec.encode_value(torch.full((4, 4), float("inf")))}, ["out1", "finite"]),
     "shape mismatch": ({"out1": codec.encode_value(torch.ones(5, 4))}, ["out1", "(4, 4)"]),
     "3-d": ({"out0": codec.encode_value(torch.ones(4, 4, 1))}, ["out0", "2-D"]),
-    "deep nesting": ({"out0": codec.encode_value([[[[[[[[[[torch.ones(1)]]]]]]]]]])},
-                     ["out0", "nested"]),
+    "deep nesting": (
+        {"out0": codec.encode_value([[[[[[[[[[torch.ones(1)]]]]]]]]]])},
+        ["out0", "nested"],
+    ),
 }
 
 
@@ -123,22 +128,31 @@ def test_input_against_state_is_failed_precondition(
     assert_unchanged(before, snapshot(stub, bank_session))
 
 
-@pytest.mark.parametrize("config, words", [
-    ({"temperature": 0.0}, ["temperature"]),
-    ({"temperature": "warm"}, ["temperature", "number"]),
-    ({"memory_bank_size": [-1, 4]}, ["memory_bank_size"]),
-    ({"tempreature": 0.5}, ["tempreature"]),
-])
-def test_bad_config_is_invalid(stub: pb_grpc.LossServiceStub, config: dict[str, Any],
-                               words: list[str]) -> None:
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"temperature": 0.0}, ["temperature"]),
+        ({"temperature": "warm"}, ["temperature", "number"]),
+        ({"memory_bank_size": [-1, 4]}, ["memory_bank_size"]),
+        ({"tempreature": 0.5}, ["tempreature"]),
+    ],
+)
+def test_bad_config_is_invalid(
+    stub: pb_grpc.LossServiceStub, config: dict[str, Any], words: list[str]
+) -> None:
     request = pb.CreateSessionRequest(loss="NTXentLoss")
     codec.encode_values(config, request.config)
     expect(INVALID, stub.CreateSession, request, *words)
 
 
 def test_unknown_loss_is_invalid(stub: pb_grpc.LossServiceStub) -> None:
-    expect(INVALID, stub.CreateSession, pb.CreateSessionRequest(loss="NoSuchLoss"),
-           "NoSuchLoss", "NTXentLoss")
+    expect(
+        INVALID,
+        stub.CreateSession,
+        pb.CreateSessionRequest(loss="NoSuchLoss"),
+        "NoSuchLoss",
+        "NTXentLoss",
+    )
 
 
 def test_unknown_device_is_invalid(stub: pb_grpc.LossServiceStub) -> None:
@@ -146,17 +160,25 @@ def test_unknown_device_is_invalid(stub: pb_grpc.LossServiceStub) -> None:
     expect(INVALID, stub.CreateSession, request, "device")
 
 
-@pytest.mark.parametrize("method, request_type", [
-    ("GetSession", pb.GetSessionRequest),
-    ("DeleteSession", pb.DeleteSessionRequest),
-    ("GetState", pb.GetStateRequest),
-    ("SetState", pb.SetStateRequest),
-    ("Compute", pb.ComputeRequest),
-])
-def test_unknown_session_is_not_found(stub: pb_grpc.LossServiceStub, method: str,
-                                      request_type: Any) -> None:
-    expect(grpc.StatusCode.NOT_FOUND, getattr(stub, method),
-           request_type(session_id="no-such-session"), "no-such-session")
+@pytest.mark.parametrize(
+    "method, request_type",
+    [
+        ("GetSession", pb.GetSessionRequest),
+        ("DeleteSession", pb.DeleteSessionRequest),
+        ("GetState", pb.GetStateRequest),
+        ("SetState", pb.SetStateRequest),
+        ("Compute", pb.ComputeRequest),
+    ],
+)
+def test_unknown_session_is_not_found(
+    stub: pb_grpc.LossServiceStub, method: str, request_type: Any
+) -> None:
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        getattr(stub, method),
+        request_type(session_id="no-such-session"),
+        "no-such-session",
+    )
 
 
 def test_same_id_other_config_already_exists(stub: pb_grpc.LossServiceStub) -> None:
@@ -166,25 +188,55 @@ def test_same_id_other_config_already_exists(stub: pb_grpc.LossServiceStub) -> N
     other = pb.CreateSessionRequest(loss="NTXentLoss", session_id="taken")
     codec.encode_values({"temperature": 0.4}, other.config)
     expect(grpc.StatusCode.ALREADY_EXISTS, stub.CreateSession, other, "taken", "0.3", "0.4")
-    expect(grpc.StatusCode.ALREADY_EXISTS, stub.CreateSession,
-           pb.CreateSessionRequest(loss="DCLLoss", session_id="taken"), "DCLLoss")
+    expect(
+        grpc.StatusCode.ALREADY_EXISTS,
+        stub.CreateSession,
+        pb.CreateSessionRequest(loss="DCLLoss", session_id="taken"),
+        "DCLLoss",
+    )
     assert not stub.CreateSession(first).created  # same config: attaches
 
 
-@pytest.mark.parametrize("tensors, code, words", [
-    ({"memory_bank.bank": torch.randn(8, 4), "memory_bank.bank_ptr": torch.zeros(1).long()},
-     grpc.StatusCode.FAILED_PRECONDITION, ["memory_bank.bank"]),
-    ({"memory_bank.bank": torch.randn(16, 4)}, INVALID, ["memory_bank.bank_ptr", "missing"]),
-    ({"memory_bank.bank": torch.randn(16, 4), "memory_bank.bank_ptr": torch.zeros(1).long(),
-      "center": torch.zeros(3)}, INVALID, ["center"]),
-    ({"memory_bank.bank": torch.full((16, 4), float("nan")),
-      "memory_bank.bank_ptr": torch.zeros(1).long()}, INVALID, ["finite"]),
-    ({"memory_bank.bank": torch.randn(16, 4), "memory_bank.bank_ptr": torch.tensor([99])},
-     grpc.StatusCode.FAILED_PRECONDITION, ["bank_ptr"]),
-])
-def test_bad_state_changes_nothing(stub: pb_grpc.LossServiceStub, bank_session: str,
-                                   tensors: dict[str, torch.Tensor], code: grpc.StatusCode,
-                                   words: list[str]) -> None:
+@pytest.mark.parametrize(
+    "tensors, code, words",
+    [
+        (
+            {"memory_bank.bank": torch.randn(8, 4), "memory_bank.bank_ptr": torch.zeros(1).long()},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ["memory_bank.bank"],
+        ),
+        ({"memory_bank.bank": torch.randn(16, 4)}, INVALID, ["memory_bank.bank_ptr", "missing"]),
+        (
+            {
+                "memory_bank.bank": torch.randn(16, 4),
+                "memory_bank.bank_ptr": torch.zeros(1).long(),
+                "center": torch.zeros(3),
+            },
+            INVALID,
+            ["center"],
+        ),
+        (
+            {
+                "memory_bank.bank": torch.full((16, 4), float("nan")),
+                "memory_bank.bank_ptr": torch.zeros(1).long(),
+            },
+            INVALID,
+            ["finite"],
+        ),
+        (
+            {"memory_bank.bank": torch.randn(16, 4), "memory_bank.bank_ptr": torch.tensor([99])},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ["bank_ptr"],
+        ),
+    ],
+)
+def test_bad_state_changes_nothing(
+    stub: pb_grpc.LossServiceStub,
+    bank_session: str,
+    tensors: dict[str, torch.Tensor],
+    code: grpc.StatusCode,
+    words: list[str],
+) -> None:
     before = snapshot(stub, bank_session)
     request = pb.SetStateRequest(session_id=bank_session)
     codec.encode_tensors(tensors, request.tensors)
@@ -203,14 +255,19 @@ class _Broken(torch.nn.Module):
 
 
 def test_unexpected_errors_are_internal_without_details(
-    stub: pb_grpc.LossServiceStub, monkeypatch: pytest.MonkeyPatch,
+    stub: pb_grpc.LossServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     spec = registry.LossSpec(_Broken, (registry.Arg("x", registry.Kind.TENSOR),))
     monkeypatch.setitem(registry.LOSSES, "_Broken", spec)
     session_id = stub.CreateSession(pb.CreateSessionRequest(loss="_Broken")).session_id
-    details = expect(grpc.StatusCode.INTERNAL, stub.Compute,
-                     compute_request(session_id, x=torch.ones(2)), "incident")
+    details = expect(
+        grpc.StatusCode.INTERNAL,
+        stub.Compute,
+        compute_request(session_id, x=torch.ones(2)),
+        "incident",
+    )
     assert "secret" not in details
     assert any("secret internal detail" in (r.exc_text or "") for r in caplog.records)
     assert stub.GetSession(pb.GetSessionRequest(session_id=session_id)).steps == 0

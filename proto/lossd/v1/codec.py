@@ -124,8 +124,10 @@ class Payloads:
         if msg.HasField("shared"):
             region = (self.regions or {}).get(msg.shared.region)
             if region is None:
-                raise ValueError(f"`{name}`: in shared-memory region {msg.shared.region!r}, "
-                                 "which this session has not attached")
+                raise ValueError(
+                    f"`{name}`: in shared-memory region {msg.shared.region!r}, "
+                    "which this session has not attached"
+                )
             return region.bytes_of(msg, nbytes, name)
         payload = next(self.chunks, None) if self.chunks is not None else None
         if payload is None:
@@ -141,8 +143,13 @@ def flat_bytes(t: Tensor) -> Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def encode_tensor(t: Tensor, *, requires_grad: bool = False, out: pb.Tensor | None = None,
-                  sink: TensorSink | None = None) -> pb.Tensor:
+def encode_tensor(
+    t: Tensor,
+    *,
+    requires_grad: bool = False,
+    out: pb.Tensor | None = None,
+    sink: TensorSink | None = None,
+) -> pb.Tensor:
     """A Tensor message holding t's dtype, shape and bytes (or pointing to them)."""
     msg = pb.Tensor() if out is None else out
     msg.dtype = wire_dtype(t.dtype)  # type: ignore[assignment]
@@ -182,8 +189,9 @@ def decode_tensor(msg: pb.Tensor, name: str, source: TensorSource | None = None)
             raise ValueError(f"`{name}`: its bytes are elsewhere, but nothing came with it")
         data = source.bytes_of(msg, expected, name)
     if len(data) != expected:
-        raise ValueError(f"`{name}`: shape {shape} of {dtype} needs {expected} bytes, "
-                         f"got {len(data)}")
+        raise ValueError(
+            f"`{name}`: shape {shape} of {dtype} needs {expected} bytes, got {len(data)}"
+        )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     if isinstance(data, Tensor):  # uint8 bytes (assembled chunks, a shared region), aligned
@@ -201,8 +209,13 @@ class InputRef:
     name: str
 
 
-def encode_value(value: Any, *, wants_grad: Callable[[Tensor], bool] | None = None,
-                 sink: TensorSink | None = None, out: pb.Value | None = None) -> pb.Value:
+def encode_value(
+    value: Any,
+    *,
+    wants_grad: Callable[[Tensor], bool] | None = None,
+    sink: TensorSink | None = None,
+    out: pb.Value | None = None,
+) -> pb.Value:
     """A Value message for a Python value (tensor, list, tuple, number, flag, str, None,
     InputRef).
 
@@ -211,8 +224,9 @@ def encode_value(value: Any, *, wants_grad: Callable[[Tensor], bool] | None = No
     """
     msg = pb.Value() if out is None else out
     if isinstance(value, Tensor):
-        encode_tensor(value, requires_grad=bool(wants_grad and wants_grad(value)), out=msg.tensor,
-                      sink=sink)
+        encode_tensor(
+            value, requires_grad=bool(wants_grad and wants_grad(value)), out=msg.tensor, sink=sink
+        )
     elif isinstance(value, InputRef):
         msg.input_ref = value.name
     elif isinstance(value, (list, tuple)):
@@ -231,17 +245,25 @@ def encode_value(value: Any, *, wants_grad: Callable[[Tensor], bool] | None = No
     elif value is None:
         msg.none = True
     else:
-        raise ValueError(f"a {type(value).__name__} cannot travel; expected a tensor, list, "
-                         "tuple, number, bool, str or None")
+        raise ValueError(
+            f"a {type(value).__name__} cannot travel; expected a tensor, list, "
+            "tuple, number, bool, str or None"
+        )
     return msg
 
 
 TensorHook = Callable[[Tensor, pb.Tensor, str], Tensor]
 
 
-def decode_value(msg: pb.Value, name: str, *, inputs: Mapping[str, Any] | None = None,
-                 tensor_hook: TensorHook | None = None, source: TensorSource | None = None,
-                 _depth: int = 0) -> Any:
+def decode_value(
+    msg: pb.Value,
+    name: str,
+    *,
+    inputs: Mapping[str, Any] | None = None,
+    tensor_hook: TensorHook | None = None,
+    source: TensorSource | None = None,
+    _depth: int = 0,
+) -> Any:
     """The Python value of a Value message; `name` is its path, for error messages.
 
     `inputs` resolves `input_ref` values (results that are forward arguments);
@@ -255,9 +277,17 @@ def decode_value(msg: pb.Value, name: str, *, inputs: Mapping[str, Any] | None =
         t = decode_tensor(msg.tensor, name, source)
         return t if tensor_hook is None else tensor_hook(t, msg.tensor, name)
     if kind in ("list", "tuple"):
-        items = [decode_value(item, f"{name}[{i}]", inputs=inputs, tensor_hook=tensor_hook,
-                              source=source, _depth=_depth + 1)
-                 for i, item in enumerate(getattr(msg, kind).items)]
+        items = [
+            decode_value(
+                item,
+                f"{name}[{i}]",
+                inputs=inputs,
+                tensor_hook=tensor_hook,
+                source=source,
+                _depth=_depth + 1,
+            )
+            for i, item in enumerate(getattr(msg, kind).items)
+        ]
         return items if kind == "list" else tuple(items)
     if kind in ("number", "integer", "flag", "text"):
         return getattr(msg, kind)

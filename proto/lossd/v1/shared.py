@@ -63,22 +63,26 @@ class SharedRegion:
             raise
 
     @classmethod
-    def open(cls, path: str, size: int, directory: str = DEFAULT_DIR,
-             max_size: int | None = None) -> SharedRegion:
+    def open(
+        cls, path: str, size: int, directory: str = DEFAULT_DIR, max_size: int | None = None
+    ) -> SharedRegion:
         """Map a region a client created. ValueError for a path outside `directory`, not a
         lossd region, a symlink, or smaller than `size`."""
         candidate = Path(path)
         if candidate.parent != Path(directory) or not candidate.name.startswith(PREFIX):
-            raise ValueError(f"Expected `path` to be a {PREFIX}* file in {directory}, but got "
-                             f"{path!r}.")
+            raise ValueError(
+                f"Expected `path` to be a {PREFIX}* file in {directory}, but got {path!r}."
+            )
         if size <= 0 or (max_size is not None and size > max_size):
             raise ValueError(f"Expected `size` in (0, {max_size}] bytes, but got {size}.")
         fd = os.open(candidate, os.O_RDWR | os.O_NOFOLLOW)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_size < size:
-                raise ValueError(f"Expected `path` to be a regular file of at least {size} "
-                                 f"bytes, but got {info.st_size}.")
+                raise ValueError(
+                    f"Expected `path` to be a regular file of at least {size} "
+                    f"bytes, but got {info.st_size}."
+                )
             return cls(candidate, size, fd)
         except BaseException:
             os.close(fd)
@@ -100,8 +104,10 @@ class SharedRegion:
         offset = msg.shared.offset
         itemsize = torch.empty((), dtype=codec.torch_dtype(msg.dtype)).element_size()
         if offset < 0 or offset + nbytes > self.size or offset % itemsize:
-            raise ValueError(f"`{name}`: bytes [{offset}, {offset + nbytes}) are not an aligned "
-                             f"slice of the {self.size}-byte region")
+            raise ValueError(
+                f"`{name}`: bytes [{offset}, {offset + nbytes}) are not an aligned "
+                f"slice of the {self.size}-byte region"
+            )
         return self.bytes[offset : offset + nbytes]
 
     def writer(self, start: int, capacity: int) -> RegionWriter:
@@ -138,7 +144,7 @@ def sweep_stale(directory: str = DEFAULT_DIR) -> None:
     except OSError:
         return
     for path in entries:
-        pid = path.name[len(PREFIX):].split("-", 1)[0]
+        pid = path.name[len(PREFIX) :].split("-", 1)[0]
         try:
             if path.stat().st_uid == os.getuid() and pid.isdigit() and not _alive(int(pid)):
                 path.unlink(missing_ok=True)

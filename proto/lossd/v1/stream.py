@@ -52,12 +52,16 @@ class Assembler:
             raise ValueError("a chunk arrived that belongs to no message")
         index, offset, data = chunk.tensor, chunk.offset, chunk.data
         if not 0 <= index < len(self._buffers):
-            raise ValueError(f"chunk for tensor {index}, but the message has "
-                             f"{len(self._buffers)} chunked tensor(s)")
+            raise ValueError(
+                f"chunk for tensor {index}, but the message has "
+                f"{len(self._buffers)} chunked tensor(s)"
+            )
         buffer = self._buffers[index]
         if offset != self._filled[index] or offset + len(data) > len(buffer):
-            raise ValueError(f"chunk of tensor {index} at offset {offset} (+{len(data)} bytes) "
-                             f"does not continue it at {self._filled[index]} of {len(buffer)}")
+            raise ValueError(
+                f"chunk of tensor {index} at offset {offset} (+{len(data)} bytes) "
+                f"does not continue it at {self._filled[index]} of {len(buffer)}"
+            )
         if data:
             with warnings.catch_warnings():  # read-only bytes, only read here
                 warnings.simplefilter("ignore", UserWarning)
