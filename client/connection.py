@@ -521,9 +521,7 @@ class LossClient:
             try:
                 return channel.step(request, chunker)
             except StepFailed as failed:
-                raise from_status(
-                    failed.code, failed.message, self.target, request.session_id
-                ) from None
+                raise from_status(failed.code, failed.message, self.target) from None
             except grpc.RpcError as error:
                 # Failed steps come back as StepError messages; an RpcError means the
                 # stream itself broke (a restart, an idle stream reset by a proxy): open a
@@ -531,7 +529,7 @@ class LossClient:
                 # at most once.
                 self._drop_stream(route, channel)
                 if _fatal(error) or attempt == self.retries:
-                    raise from_rpc_error(error, self.target, request.session_id) from None
+                    raise from_rpc_error(error, self.target) from None
                 _backoff(attempt)
         raise AssertionError("unreachable")
 
@@ -578,7 +576,7 @@ class LossClient:
                 )
             except grpc.RpcError as error:
                 if not _retryable(error) or attempt == attempts - 1:
-                    raise from_rpc_error(error, self.target, session_id) from None
+                    raise from_rpc_error(error, self.target) from None
                 _backoff(attempt)
         raise AssertionError("unreachable")
 

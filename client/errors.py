@@ -102,16 +102,14 @@ _BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError, target: str, session_id: str = "") -> LossdError:
+def from_rpc_error(error: grpc.RpcError, target: str) -> LossdError:
     """The lossd exception for a failed call."""
     code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
-    return from_status(code, details, target, session_id)
+    return from_status(code, details, target)
 
 
-def from_status(
-    code: grpc.StatusCode, details: str, target: str, session_id: str = ""
-) -> LossdError:
+def from_status(code: grpc.StatusCode, details: str, target: str) -> LossdError:
     """The lossd exception for a status code and message."""
     cls = _BY_CODE.get(code, InternalError)
     if cls is NotFoundError and details.startswith(("session ", "bank ")):

@@ -162,7 +162,10 @@ def test_errors_subclass_what_in_process_code_raises(client: LossClient, target:
     with pytest.raises(SessionNotFoundError) as missing:
         client.get_session("missing")
     assert str(missing.value).startswith("session 'missing' not found")
-    with LossClient("127.0.0.1:1", timeout=2) as nowhere, pytest.raises(ConnectionError) as down:
+    with (
+        LossClient("127.0.0.1:1", timeout=2, retries=0) as nowhere,
+        pytest.raises(ConnectionError) as down,
+    ):
         nowhere.list_sessions()
     assert isinstance(down.value, UnavailableError)
 
