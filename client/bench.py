@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from lossd.losses import registry
+from lossd.v1 import codec
 
 from .connection import LossClient
 
@@ -49,7 +50,9 @@ class Case:
         args = self.make(torch.Generator().manual_seed(seed))
         if device == "cpu":
             return args
-        return _map(lambda t: t.detach().to(device).requires_grad_(t.requires_grad), args)
+        return codec.map_tensors(
+            lambda t: t.detach().to(device).requires_grad_(t.requires_grad), args
+        )
 
 
 @dataclass
@@ -143,33 +146,9 @@ def cases(quick: bool) -> list[Case]:
     return found
 
 
-def _map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map(fn, v) for v in tree)
-    return tree
-
-
-def _leaves(args: Args) -> list[Tensor]:
-    found: list[Tensor] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, Tensor):
-            found.append(v)
-        elif isinstance(v, (list, tuple)):
-            for item in v:
-                walk(item)
-
-    walk(list(args.values()))
-    return found
-
-
 def payload_mb(args: Args) -> float:
     """MB sent (every input) and received (the gradient of each input requiring one)."""
-    tensors = _leaves(args)
+    tensors = codec.tensors_in(args)
     sent = sum(t.numel() * t.element_size() for t in tensors)
     received = sum(t.numel() * t.element_size() for t in tensors if t.requires_grad)
     return (sent + received) / 1e6
@@ -177,10 +156,10 @@ def payload_mb(args: Args) -> float:
 
 def time_steps(loss: torch.nn.Module, args: Args, repeats: int) -> float:
     """Median seconds of forward+backward over `repeats` runs (after two warm-up runs)."""
-    cuda = any(t.is_cuda for t in _leaves(args))
+    cuda = any(t.is_cuda for t in codec.tensors_in(args))
     times = []
     for i in range(repeats + 2):
-        for t in _leaves(args):
+        for t in codec.tensors_in(args):
             t.grad = None
         start = time.perf_counter()
         value = loss(**args)
@@ -266,7 +245,7 @@ def wire_accuracy(target: str, case: Case) -> dict[str, dict[str, float]]:
             remote = client.loss(case.loss, **case.config)
             value = remote(**args)
             value.sum().backward()
-            grads = [t.grad for t in _leaves(args) if t.requires_grad]
+            grads = [t.grad for t in codec.tensors_in(args) if t.requires_grad]
             ms = time_steps(remote, case.args(), 3) * 1e3
             remote.close(delete_session=True)
         if reference is None:

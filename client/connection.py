@@ -471,7 +471,7 @@ class LossClient:
             return out
 
         request.compute_dtype = codec.wire_dtype(torch.float32)  # type: ignore[assignment]
-        return {k: _map_tensors(cast, v) for k, v in args.items()}, sent_wanted
+        return codec.map_tensors(cast, args), sent_wanted
 
     def _lease(self, session_id: str, args: dict[str, Any], wanted: set[int]) -> MemoryLease | None:
         """The session's shared-memory lease, large enough for this step (None: wire)."""
@@ -605,29 +605,15 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random() / 2))
 
 
-def _map_tensors(fn: Any, tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(fn, v) for v in tree)
-    return tree
-
-
 def _owned_tree(tree: Any, args: dict[str, Any]) -> Any:
     """Copies of decoded tensors (not of the caller's own, returned as input refs)."""
-    mine = {id(t) for v in args.values() for t in _tensors_in(v)}
-    return _map_tensors(lambda t: t if id(t) in mine else t.clone(), tree)
-
-
-def _tensors_in(tree: Any) -> list[Tensor]:
-    found: list[Tensor] = []
-    _map_tensors(found.append, tree)
-    return found
+    mine = {id(t) for t in codec.tensors_in(args)}
+    return codec.map_tensors(lambda t: t if id(t) in mine else t.clone(), tree)
 
 
 def _shared_sizes(args: dict[str, Any], wanted: set[int]) -> tuple[int, int]:
     """Bytes the inputs take in a region, and the room the answer needs after them."""
-    tensors = [t for v in args.values() for t in _tensors_in(v)]
+    tensors = codec.tensors_in(args)
     inputs = sum(aligned(t.numel() * t.element_size()) for t in tensors)
     grads = sum(aligned(t.numel() * t.element_size()) for t in tensors if id(t) in wanted)
     return inputs, grads + RESULT_ROOM

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lossd.losses import registry
+from lossd.v1 import codec
 from lossd.v1 import lossd_pb2 as pb
 
 from .connection import LossClient, SessionInfo
@@ -79,7 +80,7 @@ class RemoteLoss(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run one step on the server; see the in-process class for the arguments."""
         given = self._signature.bind(*args, **kwargs).arguments
-        tensors = list(_tensors(given))
+        tensors = codec.tensors_in(given)
         grad_on = torch.is_grad_enabled()
         wanted = {id(t) for t in tensors if grad_on and t.requires_grad}
         request = pb.ComputeRequest(session_id=self.session_id, request_id=uuid.uuid4().hex)
@@ -184,17 +185,6 @@ def _check_ranks(world_size: int, rank: int, session_id: str | None) -> None:
 def _without_self(signature: inspect.Signature) -> inspect.Signature:
     params = list(signature.parameters.values())[1:]
     return signature.replace(parameters=params)
-
-
-def _tensors(tree: Any) -> Iterator[Tensor]:
-    if isinstance(tree, Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
 
 
 def _device_of(tensors: list[Tensor]) -> torch.device:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lossd.losses.registry import Arg, Batch, LossSpec
+from lossd.v1 import codec
 
 from .errors import Aborted, InvalidArgument
 from .steps import StepInputs
@@ -50,13 +51,13 @@ def merge_shards(
             _check_equal(arg.name, values)
             merged.args[arg.name] = values[0]
             for rank, value in enumerate(values):
-                for mine, first in zip(_leaves(value), _leaves(values[0])):
+                for mine, first in zip(codec.tensors_in(value), codec.tensors_in(values[0])):
                     leaf_of[rank][id(mine)] = Source(id(first), per_sample=False)
             continue
         for rank, value in enumerate(values):
-            for t in _leaves(value):
+            for t in codec.tensors_in(value):
                 leaf_of[rank][id(t)] = Source(id(t), per_sample=True)
-        sizes = [_batch_size(spec, arg, shard) for shard in shards]
+        sizes = [_batch_size(arg, shard) for shard in shards]
         merged.args[arg.name] = _concatenate(arg, values, sizes)
     # The graph holds every rank's per-sample leaves but only rank 0's other arguments.
     merged.wanted = [
@@ -68,15 +69,7 @@ def merge_shards(
     return merged, leaf_of
 
 
-def _leaves(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _leaves(v)]
-    return []
-
-
-def _batch_size(spec: LossSpec, arg: Arg, shard: StepInputs) -> int | None:
+def _batch_size(arg: Arg, shard: StepInputs) -> int | None:
     if arg.batch is not Batch.VIEW_ROWS:
         return None
     reference = shard.args.get(arg.views_of)

@@ -127,9 +127,9 @@ def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None)
     return staged.to(device, dtype=dtype, non_blocking=True)
 
 
-def to_host(tree: Any) -> Any:
-    """tree with its GPU tensors copied to pinned host memory: every copy is queued, then
-    one synchronization waits for all of them (the only one a step needs to answer)."""
+def to_host(reply: StepReply) -> StepReply:
+    """The reply with its GPU tensors copied to pinned host memory: every copy is queued,
+    then one synchronization waits for all of them (the only one a step needs to answer)."""
     copies: list[Tensor] = []
 
     def download(t: Tensor) -> Tensor:
@@ -140,7 +140,11 @@ def to_host(tree: Any) -> Any:
         copies.append(host)
         return host
 
-    moved = _replace(tree, download)
+    moved = StepReply(
+        codec.map_tensors(download, reply.result),
+        codec.map_tensors(download, reply.grads),
+        reply.steps,
+    )
     if copies:
         torch.cuda.current_stream().synchronize()
     return moved
@@ -269,7 +273,7 @@ def build_reply(
 def result_tree(inputs: StepInputs, result: Any) -> Any:
     """The result, detached, with forward arguments returned as they are as InputRefs."""
     refs = {id(v): codec.InputRef(name) for name, v in inputs.args.items() if isinstance(v, Tensor)}
-    return _replace(result, lambda t: refs.get(id(t), t.detach()))
+    return codec.map_tensors(lambda t: refs.get(id(t), t.detach()), result)
 
 
 def grad_trees(inputs: StepInputs, grads: Mapping[int, Tensor | None]) -> dict[str, Any]:
@@ -302,15 +306,3 @@ def _grad_tree(value: Any, grads: Mapping[int, Tensor | None]) -> Any:
         items = [None if i is _NO_GRAD_ASKED else i for i in items]
         return items if isinstance(value, list) else tuple(items)
     return _NO_GRAD_ASKED
-
-
-def _replace(tree: Any, fn: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, StepReply):
-        return StepReply(_replace(tree.result, fn), _replace(tree.grads, fn), tree.steps)
-    if isinstance(tree, dict):
-        return {k: _replace(v, fn) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_replace(v, fn) for v in tree)
-    return tree

@@ -202,6 +202,25 @@ def decode_tensor(msg: pb.Tensor, name: str, source: TensorSource | None = None)
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def map_tensors(fn: Callable[[Tensor], Any], tree: Any) -> Any:
+    """tree (nested dicts, lists and tuples) with fn applied to every tensor in it; other
+    leaves stay as they are, and so do the container types."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(fn, v) for v in tree)
+    return tree
+
+
+def tensors_in(tree: Any) -> list[Tensor]:
+    """The tensors of a tree, depth first (see map_tensors)."""
+    found: list[Tensor] = []
+    map_tensors(found.append, tree)
+    return found
+
+
 @dataclass(frozen=True)
 class InputRef:
     """Stands for the forward argument `name` in a result (it travels as `input_ref`)."""
