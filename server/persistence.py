@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +177,11 @@ class Snapshotter:
         return sessions, banks
 
     def _write_session(self, session: Session) -> bool:
-        key = ("sessions", session.tenant, session.session_id)
-        with session.lock:
-            if self._saved.get(key) == session.version:
-                return False
-            version = session.version
-            payload = {
-                "format": FORMAT,
+        return self._write(
+            ("sessions", session.tenant, session.session_id),
+            session.lock,
+            lambda: session.version,
+            lambda: {
                 "tenant": session.tenant,
                 "session_id": session.session_id,
                 "loss": session.loss,
@@ -192,47 +190,57 @@ class Snapshotter:
                 "steps": session.steps,
                 "created_at": session.created_at,
                 "shared_bank": session.bank.name if session.bank is not None else "",
-                "state": {
-                    k: v.detach().to("cpu", copy=True) for k, v in session.own_state().items()
-                },
-            }
-        if self.store.find(session.tenant, session.session_id) is not session:
-            return False  # deleted meanwhile
-        self.dir.write(self.dir.path(*key), payload)
-        self._saved[key] = version
-        return True
+                "state": _host_copies(session.own_state()),
+            },
+            still_held=lambda: self.store.find(session.tenant, session.session_id) is session,
+        )
 
     def _write_bank(self, bank: SharedBank) -> bool:
-        key = ("banks", bank.tenant, bank.name)
-        with bank.lock:
-            if self._saved.get(key) == bank.version:
-                return False
-            version = bank.version
-            payload = {
-                "format": FORMAT,
+        return self._write(
+            ("banks", bank.tenant, bank.name),
+            bank.lock,
+            lambda: bank.version,
+            lambda: {
                 "tenant": bank.tenant,
                 "name": bank.name,
                 "device": str(bank.device),
                 "created_at": bank.created_at,
                 "rows_written": bank.rows_written,
-                "state": {
-                    k: v.detach().to("cpu", copy=True) for k, v in bank.module.state_dict().items()
-                },
-            }
+                "state": _host_copies(bank.module.state_dict()),
+            },
+            still_held=lambda: self.store.banks.find(bank.tenant, bank.name) is bank,
+        )
+
+    def _write(
+        self,
+        key: tuple[str, str, str],
+        lock: threading.Lock,
+        version_of: Callable[[], int],
+        payload_of: Callable[[], dict[str, Any]],
+        still_held: Callable[[], bool],
+    ) -> bool:
+        """Write one file if its owner changed since its last snapshot: the payload is
+        taken under the owner's lock (a consistent state), written outside it."""
+        with lock:
+            version = version_of()
+            if self._saved.get(key) == version:
+                return False
+            payload = {"format": FORMAT, **payload_of()}
+        if not still_held():
+            return False  # deleted meanwhile
         self.dir.write(self.dir.path(*key), payload)
         self._saved[key] = version
         return True
 
     def forget_session(self, session: Session) -> None:
         """Remove a deleted session's file."""
-        key = ("sessions", session.tenant, session.session_id)
-        with self._write_lock:
-            self._saved.pop(key, None)
-            self.dir.remove(self.dir.path(*key))
+        self._forget(("sessions", session.tenant, session.session_id))
 
     def forget_bank(self, bank: SharedBank) -> None:
         """Remove a deleted bank's file."""
-        key = ("banks", bank.tenant, bank.name)
+        self._forget(("banks", bank.tenant, bank.name))
+
+    def _forget(self, key: tuple[str, str, str]) -> None:
         with self._write_lock:
             self._saved.pop(key, None)
             self.dir.remove(self.dir.path(*key))
@@ -255,3 +263,8 @@ class Snapshotter:
                 self.snapshot()
             except Exception:
                 log.exception("periodic snapshot failed")
+
+
+def _host_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of state tensors, safe to write after the owner's lock is released."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
