@@ -53,8 +53,9 @@ class Unavailable(ServiceError):
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message of an exception.
 
-    Loss code raises ValueError for bad input (StateMismatchError when the input does not
-    fit existing state); anything else is unexpected and its details stay in the log.
+    Loss code and the codec raise ValueError for bad input (StateMismatchError when the
+    input does not fit existing state): that is INVALID_ARGUMENT everywhere, so callers
+    need not convert it. Anything else is unexpected and its details stay in the log.
     """
     if isinstance(error, ServiceError):
         return error.code, str(error)

@@ -83,9 +83,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> pb.Session:
         tenant = self._tenant(context)
         note(loss=request.loss)
-        config = _decode(codec.decode_values, request.config)
+        config = codec.decode_values(request.config)
         dtype = (
-            _dtype(request.shared_bank_dtype)
+            codec.torch_dtype(request.shared_bank_dtype)
             if request.shared_bank_dtype != tpb.DTYPE_UNSPECIFIED
             else None
         )
@@ -235,8 +235,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def CreateBank(self, request: pb.CreateBankRequest, context: grpc.ServicerContext) -> pb.Bank:
         tenant = self._tenant(context)
         check_id("name", request.name)
-        dtype = _dtype(request.dtype) if request.dtype != tpb.DTYPE_UNSPECIFIED else torch.float32
-        device = _decode(self.store.resolve_device, request.device)
+        dtype = (
+            codec.torch_dtype(request.dtype)
+            if request.dtype != tpb.DTYPE_UNSPECIFIED
+            else torch.float32
+        )
+        device = self.store.resolve_device(request.device)
         size = bank_bytes(request.num_features, request.dim, dtype)
         if self.banks.find(tenant, request.name) is None:
             self.store.check_room(tenant, size)
@@ -312,8 +316,6 @@ def _output_sink(session: Session, request: pb.ComputeRequest) -> codec.TensorSi
 def _open_region(lease: pb.MemoryLease, directory: str, max_bytes: int) -> SharedRegion:
     try:
         return SharedRegion.open(lease.path, lease.size, directory, max_bytes)
-    except ValueError as error:
-        raise InvalidArgument(str(error)) from None
     except OSError as error:  # e.g. the client is on another host
         raise FailedPrecondition(
             f"cannot map {lease.path!r} ({error.strerror}); shared memory "
@@ -378,7 +380,7 @@ def state_message(module: nn.Module, steps: int) -> pb.State:
 
 def decode_state(tensors: dict[str, pb.Tensor]) -> dict[str, torch.Tensor]:
     """State tensors from the wire, checked to be finite."""
-    decoded = _decode(codec.decode_tensors, tensors)
+    decoded = codec.decode_tensors(tensors)
     for name, t in decoded.items():
         if t.is_floating_point() and not steps.all_finite(t):
             raise InvalidArgument(
@@ -421,15 +423,3 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def _code(value: int) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
-
-
-def _decode(fn, *args):  # type: ignore[no-untyped-def]
-    """fn(*args) with ValueError turned into InvalidArgument."""
-    try:
-        return fn(*args)
-    except ValueError as error:
-        raise InvalidArgument(str(error)) from None
-
-
-def _dtype(value: int) -> torch.dtype:
-    return _decode(codec.torch_dtype, value)

@@ -172,10 +172,7 @@ class SessionStore:
         FailedPrecondition for a bank of another shape or dtype, ResourceExhausted past a
         limit.
         """
-        try:
-            spec = registry.get(loss)
-        except ValueError as error:
-            raise InvalidArgument(str(error)) from None
+        spec = registry.get(loss)  # ValueError, answered INVALID_ARGUMENT
         bank = self.banks.get(tenant, shared_bank) if shared_bank else None
         if bank is not None:
             config = fit_bank(spec, config, bank, shared_bank_dtype)
@@ -350,10 +347,7 @@ def fit_bank(
             f"bank {bank.name!r} holds {bank.dtype} rows {shape}; the session asks for {dtype}"
         )
     asked = config.get(spec.bank.size_arg, 0)
-    try:
-        size = parse_bank_size(spec.bank.size_arg, asked)
-    except ValueError as error:
-        raise InvalidArgument(str(error)) from None
+    size = parse_bank_size(spec.bank.size_arg, asked)
     if size != (0,) and (size[0] != shape[0] or (len(size) > 1 and size != shape)):
         raise FailedPrecondition(
             f"bank {bank.name!r} has shape {shape}; the session asks for "

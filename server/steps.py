@@ -66,12 +66,7 @@ def decode_inputs(
                 )
             continue
         hook = _TensorHook(arg, device, compute_dtype, inputs)
-        try:
-            value = codec.decode_value(
-                messages[arg.name], arg.name, tensor_hook=hook, source=source
-            )
-        except ValueError as error:
-            raise InvalidArgument(str(error)) from None
+        value = codec.decode_value(messages[arg.name], arg.name, tensor_hook=hook, source=source)
         _check_kind(arg, value, spec.arg_default(arg.name))
         inputs.args[arg.name] = value
     return inputs
