@@ -432,9 +432,9 @@ class LossClient:
         ask for gradients), sent over shared memory, the stream or as one Compute, and the
         answer decoded (`input_ref`s resolve to the objects in `args`)."""
         sent, sent_wanted = self._on_the_wire(args, wanted, request)
-        lease = self._lease(request.session_id, sent, sent_wanted)
+        lease, shared = self._shared_sink(request, sent, sent_wanted)
         chunker = codec.Chunker(self.chunk_bytes) if self.stream else None
-        sink = codec.Sinks(self._shared_sink(lease, request, sent, sent_wanted), chunker)
+        sink = codec.Sinks(shared, chunker)
         try:
             codec.encode_values(
                 sent, request.args, wants_grad=lambda t: id(t) in sent_wanted, sink=sink
@@ -451,7 +451,7 @@ class LossClient:
         result = codec.decode_value(response.result, "result", inputs=args, source=source)
         grads = codec.decode_values(response.grads, source=source)
         if regions:  # the region is reused by the next step: own what came through it
-            result, grads = _owned_tree(result, args), _owned_tree(grads, args)
+            result, grads = _owned(result, args), _owned(grads, args)
         return StepResult(result, grads, response.steps)
 
     def _on_the_wire(
@@ -473,21 +473,33 @@ class LossClient:
         request.compute_dtype = codec.wire_dtype(torch.float32)  # type: ignore[assignment]
         return codec.map_tensors(cast, args), sent_wanted
 
-    def _lease(self, session_id: str, args: dict[str, Any], wanted: set[int]) -> MemoryLease | None:
-        """The session's shared-memory lease, large enough for this step (None: wire)."""
+    def _shared_sink(
+        self, request: pb.ComputeRequest, args: dict[str, Any], wanted: set[int]
+    ) -> tuple[MemoryLease | None, codec.TensorSink | None]:
+        """The session's shared-memory lease, large enough for this step, and the sink that
+        puts the inputs at the start of its region (the server may answer after them);
+        (None, None) when tensors go on the wire."""
         if not self.shared_memory:
-            return None
+            return None, None
         inputs, outputs = _shared_sizes(args, wanted)
+        lease = self._lease(request.session_id, inputs + outputs)
+        if lease is None or lease.region is None:
+            return None, None
+        request.shared_region = lease.region.name
+        request.shared_output_offset = inputs
+        request.shared_output_capacity = lease.region.size - inputs
+        return lease, lease.region.writer(0, inputs)
+
+    def _lease(self, session_id: str, nbytes: int) -> MemoryLease | None:
+        """The session's lease with a region of at least `nbytes` (None: the wire)."""
         lease = self._leases.get(session_id, ...)
         try:
             if lease is ...:
                 route = self._routes.get(session_id, session_id)
-                lease = MemoryLease(
-                    self._stub, self._call_metadata(route), session_id, inputs + outputs
-                )
+                lease = MemoryLease(self._stub, self._call_metadata(route), session_id, nbytes)
                 self._leases[session_id] = lease
             elif lease is not None:
-                lease.ensure(inputs + outputs)
+                lease.ensure(nbytes)
         except (grpc.RpcError, OSError) as error:
             detail = error.details() if isinstance(error, grpc.Call) else str(error)
             log.warning(
@@ -495,22 +507,6 @@ class LossClient:
             )
             self._leases[session_id] = lease = None
         return lease
-
-    @staticmethod
-    def _shared_sink(
-        lease: MemoryLease | None,
-        request: pb.ComputeRequest,
-        args: dict[str, Any],
-        wanted: set[int],
-    ) -> codec.TensorSink | None:
-        """Inputs go to the start of the region; the server may answer after them."""
-        if lease is None or lease.region is None:
-            return None
-        inputs, _ = _shared_sizes(args, wanted)
-        request.shared_region = lease.region.name
-        request.shared_output_offset = inputs
-        request.shared_output_capacity = lease.region.size - inputs
-        return lease.region.writer(0, inputs)
 
     def _stream_step(
         self, request: pb.ComputeRequest, chunker: codec.Chunker
@@ -605,8 +601,9 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random() / 2))
 
 
-def _owned_tree(tree: Any, args: dict[str, Any]) -> Any:
-    """Copies of decoded tensors (not of the caller's own, returned as input refs)."""
+def _owned(tree: Any, args: dict[str, Any] | None = None) -> Any:
+    """Copies that own their memory of decoded tensors (which view a message's bytes or a
+    shared region), but not of the caller's own `args`, returned as input refs."""
     mine = {id(t) for t in codec.tensors_in(args)}
     return codec.map_tensors(lambda t: t if id(t) in mine else t.clone(), tree)
 
@@ -617,8 +614,3 @@ def _shared_sizes(args: dict[str, Any], wanted: set[int]) -> tuple[int, int]:
     inputs = sum(aligned(t.numel() * t.element_size()) for t in tensors)
     grads = sum(aligned(t.numel() * t.element_size()) for t in tensors if id(t) in wanted)
     return inputs, grads + RESULT_ROOM
-
-
-def _owned(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Copies that own their memory (decoded tensors view the message's bytes)."""
-    return {k: t.clone() for k, t in tensors.items()}
