@@ -184,6 +184,20 @@ def min_batch(name: str, x: Tensor, minimum: int = 2) -> None:
         )
 
 
+def two_views(
+    name_a: str, a: Any, name_b: str, b: Any, *, min_rows: int, one_dtype: bool = False
+) -> None:
+    """Two (batch_size, dim) embeddings of one batch: 2-D floating tensors of one shape
+    (and one dtype, where the math mixes them) with at least `min_rows` rows."""
+    hint = "(batch_size, dim)"
+    tensor(name_a, a, ndim=2, shape_hint=hint)
+    tensor(name_b, b, ndim=2, shape_hint=hint)
+    same_shape(name_a, a, name_b, b)
+    if one_dtype:
+        same_dtype(name_a, a, name_b, b)
+    min_batch(name_a, a, minimum=min_rows)
+
+
 def optional_number(name: str, value: Any) -> float | None:
     """None or a finite number."""
     return None if value is None else number(name, value)

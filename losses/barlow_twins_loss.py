@@ -35,11 +35,7 @@ class BarlowTwinsLoss(nn.Module):
         Returns:
             `sum_i (c_ii - 1)^2 + lambda * sum_{i != j} c_ij^2`, a 0-d tensor.
         """
-        check.tensor("z_a", z_a, ndim=2, shape_hint="(batch_size, dim)")
-        check.tensor("z_b", z_b, ndim=2, shape_hint="(batch_size, dim)")
-        check.same_shape("z_a", z_a, "z_b", z_b)
-        check.same_dtype("z_a", z_a, "z_b", z_b)
-        check.min_batch("z_a", z_a)
+        check.two_views("z_a", z_a, "z_b", z_b, min_rows=2, one_dtype=True)
         c = _standardize(z_a).T @ _standardize(z_b) / z_a.shape[0]  # (D, D)
         on_diagonal = (c.diagonal() - 1).pow(2).sum()
         return on_diagonal + self.lambda_param * off_diagonal(c).pow(2).sum()

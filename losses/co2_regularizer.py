@@ -49,11 +49,7 @@ class CO2Regularizer(nn.Module):
         Returns:
             `alpha * (KL(p||q) + KL(q||p)) / 2`, a 0-d tensor.
         """
-        check.tensor("out0", out0, ndim=2, shape_hint="(batch_size, dim)")
-        check.tensor("out1", out1, ndim=2, shape_hint="(batch_size, dim)")
-        check.same_shape("out0", out0, "out1", out1)
-        check.same_dtype("out0", out0, "out1", out1)
-        check.min_batch("out0", out0, minimum=1)
+        check.two_views("out0", out0, "out1", out1, min_rows=1, one_dtype=True)
         x = F.normalize(out0, dim=1)
         y = F.normalize(out1, dim=1)
         positive = (x * y).sum(dim=1, keepdim=True)  # (B, 1)

@@ -68,11 +68,7 @@ class DCLLoss(nn.Module):
         Returns:
             A 0-d tensor.
         """
-        check.tensor("out0", out0, ndim=2, shape_hint="(batch_size, dim)")
-        check.tensor("out1", out1, ndim=2, shape_hint="(batch_size, dim)")
-        check.same_shape("out0", out0, "out1", out1)
-        check.same_dtype("out0", out0, "out1", out1)
-        check.min_batch("out0", out0)
+        check.two_views("out0", out0, "out1", out1, min_rows=2, one_dtype=True)
         x = F.normalize(out0, dim=1)
         y = F.normalize(out1, dim=1)
         sim_xy = x @ y.T / self.temperature  # (B, B)

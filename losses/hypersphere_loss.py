@@ -35,10 +35,7 @@ class HypersphereLoss(nn.Module):
         Returns:
             `align(x, y) + lam * (unif(x) + unif(y)) / 2` on L2-normalized rows, 0-d.
         """
-        check.tensor("z_a", z_a, ndim=2, shape_hint="(batch_size, dim)")
-        check.tensor("z_b", z_b, ndim=2, shape_hint="(batch_size, dim)")
-        check.same_shape("z_a", z_a, "z_b", z_b)
-        check.min_batch("z_a", z_a)
+        check.two_views("z_a", z_a, "z_b", z_b, min_rows=2)
         x = F.normalize(z_a, dim=1)
         y = F.normalize(z_b, dim=1)
         align = (x - y).norm(dim=1).pow(self.alpha).mean()

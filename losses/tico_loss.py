@@ -45,10 +45,7 @@ class TiCoLoss(StatefulLoss):
         Returns:
             `1 - mean <x_i, y_i> + rho * mean x_i^T C x_i` on normalized rows, 0-d.
         """
-        check.tensor("z_a", z_a, ndim=2, shape_hint="(batch_size, dim)")
-        check.tensor("z_b", z_b, ndim=2, shape_hint="(batch_size, dim)")
-        check.same_shape("z_a", z_a, "z_b", z_b)
-        check.min_batch("z_a", z_a)
+        check.two_views("z_a", z_a, "z_b", z_b, min_rows=2)
         check.flag("update_covariance_matrix", update_covariance_matrix)
         previous = self.C
         if previous is not None and previous.shape[0] != z_a.shape[1]:
